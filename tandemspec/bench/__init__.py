@@ -1,0 +1,1 @@
+"""tandem bench: what hybrid decoding saves, measured over an emulated link."""

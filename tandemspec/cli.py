@@ -1,0 +1,197 @@
+"""The ``tandem`` command line: every verb of DESIGN.md, each with ``--help``.
+
+Each verb's flags are declared here (one place for the command-line contract); its
+implementation is a ``run(args) -> int`` function in the package that owns it, imported
+only when the verb runs, so ``tandem --help`` stays fast and the edge never imports torch.
+A verb whose implementation is not built yet exits with status 2 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandemspec import __version__
+
+EXIT_NOT_BUILT = 2
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One command: its words, help text, flags and where its implementation lives."""
+
+    words: tuple[str, ...]
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: str | None  # "module:function", or None when not built yet
+
+
+def _edge_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cloud", metavar="HOST:PORT", help="verifier address (omit for local-only)")
+    parser.add_argument("--bundle", type=Path, help="edge bundle folder (default: the bundled reference bundle)")
+    parser.add_argument("--auth-token-file", type=Path, help="file holding the verifier's bearer token")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify the verifier's TLS certificate")
+    parser.add_argument("--config", type=Path, help="TOML config file ([edge] section)")
+
+
+def _edge_generate_args(parser: argparse.ArgumentParser) -> None:
+    _edge_common(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": "..."} per line')
+    parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draft-length", type=int, help="fixed draft length (default: dynamic)")
+    parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
+    gate = parser.add_mutually_exclusive_group()
+    gate.add_argument("--gate-quality", type=float, help="gated mode: quality floor in [0, 1]")
+    gate.add_argument("--gate-lambda", type=float, help="gated mode: cost weight of a cloud call")
+    gate.add_argument("--gate-threshold", type=float, help="gated mode: raw trust threshold")
+    parser.add_argument("--log-db", type=Path, help="device log (SQLite) to record verified tokens in")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+
+
+def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
+    _edge_common(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
+    parser.add_argument("--log-db", type=Path, help="device log (SQLite)")
+
+
+def _cloud_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="target model folder (Hugging Face format; default: reference)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="0 = any free port")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--auth-token-file", type=Path, help="require this bearer token")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--max-sessions", type=int)
+    parser.add_argument("--batch-window-ms", type=float, help="how long the scheduler gathers a batch")
+    parser.add_argument("--no-batching", action="store_true", help="verify each frame on its own")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--config", type=Path, help="TOML config file ([cloud] section)")
+
+
+def _fed_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-clients", type=int, default=4)
+    parser.add_argument("--logs", type=Path, nargs="*", help="device logs, one per simulated client")
+    parser.add_argument("--bundle", type=Path, help="starting edge bundle")
+    parser.add_argument("--out", type=Path, help="where to publish the new bundle")
+    parser.add_argument("--deployment", action="store_true", help="SuperLink + SuperNodes on loopback")
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drafter", type=Path, required=True, help="drafter folder (Hugging Face format)")
+    parser.add_argument("--out", type=Path, required=True, help="edge bundle folder to write")
+    parser.add_argument("--gate", type=Path, help="gate weights to include")
+    parser.add_argument("--opset", type=int, default=18)
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", default="default", help="folder with target/ and drafter/, or 'default'")
+    parser.add_argument("--prompts", type=Path, help="JSONL prompts (default: bundled held-out prompts)")
+    parser.add_argument("--rtt-ms", default="0,20,80", help="round-trip delays to emulate")
+    parser.add_argument("--concurrency", default="1,4,16", help="numbers of concurrent edges")
+    parser.add_argument("--modes", help="comma-separated subset of modes")
+    parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
+    parser.add_argument("--out", type=Path, required=True)
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
+
+
+def _train_reference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/reference"), help="checkpoints (resumable)")
+    parser.add_argument("--out", type=Path, default=Path("models/reference"), help="where the pair is written")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _evaluate_reference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", type=Path, default=Path("models/reference"), help="folder with target/, drafter/")
+    parser.add_argument("--base-drafter", type=Path, help="the drafter before distillation, for comparison")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--card", action="store_true", help="rewrite the model card README.md in --pair")
+
+
+def _gate_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", type=Path, required=True, help="device log (SQLite)")
+    parser.add_argument("--out", type=Path, help="edge bundle to write the gate into")
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb(("edge", "serve"), "run the edge daemon with its OpenAI-compatible local API", _edge_serve_args, None),
+    Verb(("edge", "generate"), "generate completions from the command line", _edge_generate_args, None),
+    Verb(("cloud", "serve"), "run the verifier (gRPC) for many edges", _cloud_serve_args, None),
+    Verb(("fed", "run"), "run federated rounds that update gate and drafter", _fed_run_args, None),
+    Verb(("gate", "train"), "train the uncertainty gate centrally from a device log", _gate_train_args, None),
+    Verb(("export",), "turn a drafter into an edge bundle (ONNX)", _export_args, None),
+    Verb(("bench",), "measure every mode over an emulated link", _bench_args, None),
+    Verb(("demo",), "start a local verifier and edge, print completions and statistics", _demo_args, None),
+    Verb(
+        ("train-reference",),
+        "rebuild the bundled reference pair from the stdlib (hours on CPU; resumable)",
+        _train_reference_args,
+        "tandemspec.federated.reference.commands:train_main",
+    ),
+    Verb(
+        ("evaluate-reference",),
+        "measure the reference pair (loss, agreement, accepted length) and write its model card",
+        _evaluate_reference_args,
+        "tandemspec.federated.reference.commands:evaluate_main",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``tandem`` parser tree."""
+    parser = argparse.ArgumentParser(prog="tandem", description="Edge-cloud hybrid decoding.")
+    parser.add_argument("--version", action="version", version=f"tandemspec {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    top = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in VERBS:
+        if len(verb.words) == 1:
+            sub = top.add_parser(verb.words[0], help=verb.help, description=verb.help)
+        else:
+            group_name, name = verb.words
+            if group_name not in groups:
+                group = top.add_parser(group_name, help=f"{group_name} commands")
+                groups[group_name] = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+            sub = groups[group_name].add_parser(name, help=verb.help, description=verb.help)
+        verb.add_arguments(sub)
+        sub.set_defaults(verb_spec=verb)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tandem`` console script."""
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verb: Verb = args.verb_spec
+    if verb.handler is None:
+        print(f"tandem {' '.join(verb.words)}: not built yet", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    module_name, function_name = verb.handler.split(":")
+    run: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), function_name)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
