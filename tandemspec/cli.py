@@ -44,13 +44,16 @@ def _edge_generate_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompts-file", type=Path, help='JSONL file, one {"prompt": "..."} per line')
-    parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
+    parser.add_argument(
+        "--mode", choices=["lossless", "gated", "local", "cloud"], help="decoding mode (default: lossless)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draft-length", type=int, help="fixed draft length (default: dynamic)")
+    parser.add_argument("--draft-length", type=int, help="draft tokens per frame (default: 4)")
     parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
     gate = parser.add_mutually_exclusive_group()
     gate.add_argument("--gate-quality", type=float, help="gated mode: quality floor in [0, 1]")
@@ -62,18 +65,24 @@ def _edge_generate_args(parser: argparse.ArgumentParser) -> None:
 
 def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
     _edge_common(parser)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
+    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: 8000)")
+    parser.add_argument(
+        "--mode", choices=["lossless", "gated", "local", "cloud"], help="decoding mode (default: lossless)"
+    )
+    parser.add_argument("--draft-length", type=int, help="draft tokens per frame (default: 4)")
+    parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
     parser.add_argument("--log-db", type=Path, help="device log (SQLite)")
 
 
 def _cloud_serve_args(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in CloudConfig (and the command), not here: flags override a --config
+    # file and TANDEM_CLOUD_* variables only when given.
     parser.add_argument("--model", type=Path, help="target model folder (Hugging Face format; default: reference)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051, help="0 = any free port")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 50051; 0 = any free port)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto")
     parser.add_argument("--auth-token-file", type=Path, help="require this bearer token")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
@@ -113,6 +122,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
+    parser.add_argument("--pair", type=Path, help="folder with target/ and edge/ (default: models/reference)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
 
 def _train_reference_args(parser: argparse.ArgumentParser) -> None:
@@ -135,14 +146,39 @@ def _gate_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 VERBS: tuple[Verb, ...] = (
-    Verb(("edge", "serve"), "run the edge daemon with its OpenAI-compatible local API", _edge_serve_args, None),
-    Verb(("edge", "generate"), "generate completions from the command line", _edge_generate_args, None),
-    Verb(("cloud", "serve"), "run the verifier (gRPC) for many edges", _cloud_serve_args, None),
+    Verb(
+        ("edge", "serve"),
+        "run the edge daemon with its OpenAI-compatible local API",
+        _edge_serve_args,
+        "tandemspec.edge.commands:serve_main",
+    ),
+    Verb(
+        ("edge", "generate"),
+        "generate completions from the command line",
+        _edge_generate_args,
+        "tandemspec.edge.commands:generate_main",
+    ),
+    Verb(
+        ("cloud", "serve"),
+        "run the verifier (gRPC) for many edges",
+        _cloud_serve_args,
+        "tandemspec.cloud.commands:serve_main",
+    ),
     Verb(("fed", "run"), "run federated rounds that update gate and drafter", _fed_run_args, None),
     Verb(("gate", "train"), "train the uncertainty gate centrally from a device log", _gate_train_args, None),
-    Verb(("export",), "turn a drafter into an edge bundle (ONNX)", _export_args, None),
+    Verb(
+        ("export",),
+        "turn a drafter into an edge bundle (ONNX)",
+        _export_args,
+        "tandemspec.federated.export:export_main",
+    ),
     Verb(("bench",), "measure every mode over an emulated link", _bench_args, None),
-    Verb(("demo",), "start a local verifier and edge, print completions and statistics", _demo_args, None),
+    Verb(
+        ("demo",),
+        "start a local verifier and edge, print completions and statistics",
+        _demo_args,
+        "tandemspec.edge.demo:demo_main",
+    ),
     Verb(
         ("train-reference",),
         "rebuild the bundled reference pair from the stdlib (hours on CPU; resumable)",

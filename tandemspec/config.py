@@ -28,19 +28,21 @@ def load_config(
     cls: type[T],
     section: str,
     *,
+    defaults: Mapping[str, Any] | None = None,
     file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> T:
     """Build ``cls`` (a dataclass) from defaults, ``file[section]``, environment and flags.
 
-    ``flags`` holds only values the user gave (``None`` means "not given" and is skipped).
+    ``defaults`` override the dataclass's own defaults for one caller (a command's
+    defaults); ``flags`` holds only values the user gave (``None`` = not given, skipped).
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     if file is not None:
         try:
             table = tomllib.loads(Path(file).read_text(encoding="utf-8")).get(section, {})

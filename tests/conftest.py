@@ -103,3 +103,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
         return cache[key]
 
     return make
+
+
+DRAFTER_NOISE = 0.05  # relative noise of the tiny drafters: they agree with the target often, not always
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[..., Path]
+) -> Callable[..., Path]:
+    """Factory: ``tiny_bundle_dir(family, seed=1, noise=DRAFTER_NOISE)`` -> an exported edge bundle.
+
+    The drafter is the seed-0 model of the family perturbed with ``noise`` (a drafter for
+    the ``tiny_model_dir(family, 0)`` target), exported with ``tandem export``'s code.
+    """
+    import torch
+
+    from tandemspec.federated.export import ExportConfig, export_bundle
+
+    cache: dict[tuple[str, int, float], Path] = {}
+
+    def make(family: str, seed: int = 1, noise: float = DRAFTER_NOISE) -> Path:
+        key = (family, seed, noise)
+        if key not in cache:
+            torch.set_num_threads(1)
+            out = tmp_path_factory.mktemp(f"bundle-{family}-{seed}") / "edge"
+            export_bundle(ExportConfig(drafter_dir=tiny_model_dir(family, seed, noise), out_dir=out))
+            cache[key] = out
+        return cache[key]
+
+    return make

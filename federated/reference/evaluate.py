@@ -192,8 +192,10 @@ def evaluate_pair(
         speculation_prompts=num_prompts,
         speculation_new_tokens=new_tokens,
         seconds=time.perf_counter() - started,
-        machine=f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
-        f"threads {torch.get_num_threads()}".strip(),
+        machine=" ".join(
+            part for part in (platform.machine(), platform.processor(), f"torch {torch.__version__}") if part
+        )
+        + f" threads {torch.get_num_threads()}",
     )
 
 

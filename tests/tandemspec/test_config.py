@@ -58,3 +58,10 @@ def test_unknown_file_key_is_refused(tmp_path: Path) -> None:
     file.write_text("[example]\nprot = 2\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(Example, "example", file=file, environ={})
+
+
+def test_caller_defaults_sit_below_file_and_flags(tmp_path: Path) -> None:
+    assert load_config(Example, "example", defaults={"port": 7}, environ={}).port == 7
+    file = tmp_path / "c.toml"
+    file.write_text("[example]\nport = 8\n")
+    assert load_config(Example, "example", defaults={"port": 7}, file=file, environ={}).port == 8

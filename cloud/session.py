@@ -1,0 +1,262 @@
+"""Sessions: handshake and frame validation, per-session state, admission control.
+
+A :class:`Session` keeps the invariant ``kv.length == len(tokens) - 1``: every token but
+the last has been fed through the target, and the last (the prompt's last token, or the
+latest correction or bonus) is *pending*, fed with the next frame. Its logits judge the
+frame's first token, so no logits need to be kept between frames.
+
+Validation never trusts the client: every id is checked against the vocabulary, every
+size against the advertised :class:`~tandemspec.types.Limits`, and the write position
+against the session's own committed length.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from tandemspec.cloud.target import SessionKV
+from tandemspec.cloud.verify import FrameOutcome
+from tandemspec.types import DraftFrame, Limits, SessionKind, SessionOpen, Verdict
+
+_Q_SUM_TOLERANCE = 1e-3  # float32 rounding of a few dozen probabilities
+
+
+class SessionError(Exception):
+    """Ends one session with a gRPC status; the server and other sessions carry on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, seq: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.seq = seq
+
+
+def invalid(message: str, seq: int = 0) -> SessionError:
+    return SessionError(grpc.StatusCode.INVALID_ARGUMENT, message, seq)
+
+
+@dataclass(frozen=True)
+class SessionRules:
+    """What a handshake and its frames are checked against."""
+
+    limits: Limits
+    vocab_size: int
+    tokenizer_fingerprint: str
+
+
+def validate_open(message: SessionOpen, rules: SessionRules) -> SessionOpen:
+    """Check a handshake; returns it with ``max_new_tokens`` 0 replaced by the server's limit."""
+    limits = rules.limits
+    if message.tokenizer_fingerprint != rules.tokenizer_fingerprint:
+        raise SessionError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"tokenizer fingerprint {message.tokenizer_fingerprint!r} does not match the target's "
+            f"{rules.tokenizer_fingerprint!r}: edge and cloud must share one tokenizer",
+        )
+    if not message.prompt_ids:
+        raise invalid("the prompt is empty")
+    if len(message.prompt_ids) >= limits.max_context_tokens:
+        raise invalid(
+            f"prompt of {len(message.prompt_ids)} tokens leaves no room in max_context_tokens "
+            f"{limits.max_context_tokens}"
+        )
+    check_ids(message.prompt_ids, rules.vocab_size, "prompt_ids")
+    check_ids(message.stop_ids, rules.vocab_size, "stop_ids")
+    if message.max_new_tokens > limits.max_new_tokens:
+        raise invalid(f"max_new_tokens {message.max_new_tokens} is over the limit {limits.max_new_tokens}")
+    if message.return_top_k > limits.max_return_top_k:
+        raise invalid(f"return_top_k {message.return_top_k} is over the limit {limits.max_return_top_k}")
+    if message.max_new_tokens == 0:
+        return SessionOpen(
+            prompt_ids=message.prompt_ids,
+            sampling=message.sampling,
+            max_new_tokens=limits.max_new_tokens,
+            tokenizer_fingerprint=message.tokenizer_fingerprint,
+            kind=message.kind,
+            return_top_k=message.return_top_k,
+            stop_ids=message.stop_ids,
+            client_id=message.client_id,
+        )
+    return message
+
+
+def check_ids(ids: tuple[int, ...], vocab_size: int, what: str, seq: int = 0) -> None:
+    """Every id must lie in ``[0, vocab_size)`` (uint32 on the wire, so never negative)."""
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise invalid(f"{what} holds id {bad[0]} outside the vocabulary of {vocab_size}", seq)
+
+
+def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules) -> None:
+    """Check a current (not stale) frame against the session and the limits."""
+    seq, limits = frame.seq, rules.limits
+    if frame.epoch > session.epoch:
+        raise invalid(f"frame epoch {frame.epoch} is ahead of the session's epoch {session.epoch}", seq)
+    if frame.position != session.committed_length:
+        raise invalid(f"frame position {frame.position} != committed length {session.committed_length}", seq)
+    for what, ids in (("draft_ids", frame.draft_ids), ("committed_ids", frame.committed_ids)):
+        if len(ids) > limits.max_draft_tokens:
+            raise invalid(f"{len(ids)} {what} exceed max_draft_tokens {limits.max_draft_tokens}", seq)
+        check_ids(ids, rules.vocab_size, what, seq)
+    _check_parents(frame)
+    if not session.open.sampling.is_greedy:
+        _check_draft_dists(frame, rules)
+    needed = session.committed_length + frame.num_tokens + 1
+    if needed > session.max_tokens:
+        raise SessionError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the frame would grow the session to {needed} tokens, over its budget of {session.max_tokens} "
+            "(min of max_context_tokens and prompt + max_new_tokens + max_draft_tokens + 1)",
+            seq,
+        )
+
+
+def _check_parents(frame: DraftFrame) -> None:
+    # Tree drafts are reserved; a plain chain written as parents is the same as none.
+    chain = tuple(range(-1, len(frame.draft_ids) - 1))
+    if frame.parents and frame.parents != chain:
+        raise SessionError(
+            grpc.StatusCode.UNIMPLEMENTED, "tree drafts (non-chain parents) are not supported", frame.seq
+        )
+
+
+def _check_draft_dists(frame: DraftFrame, rules: SessionRules) -> None:
+    """Sampling mode: one exact truncated q per draft token, each a proper small distribution."""
+    seq = frame.seq
+    if len(frame.draft_dists) != len(frame.draft_ids):
+        raise invalid(
+            f"sampling mode needs one draft distribution per draft token: {len(frame.draft_ids)} tokens, "
+            f"{len(frame.draft_dists)} distributions",
+            seq,
+        )
+    for index, (token, dist) in enumerate(zip(frame.draft_ids, frame.draft_dists, strict=True)):
+        if len(dist.ids) > rules.limits.max_support:
+            raise invalid(
+                f"draft distribution {index} has support {len(dist.ids)} > max_support {rules.limits.max_support}", seq
+            )
+        check_ids(dist.ids, rules.vocab_size, f"draft distribution {index}", seq)
+        if len(set(dist.ids)) != len(dist.ids):
+            raise invalid(f"draft distribution {index} repeats a token id", seq)
+        total = math.fsum(dist.probs)
+        if abs(total - 1.0) > _Q_SUM_TOLERANCE:
+            raise invalid(f"draft distribution {index} sums to {total:.6f}, not 1", seq)
+        if dist.prob_of(token) <= 0.0:
+            raise invalid(f"draft token {index} ({token}) has probability 0 under its own distribution", seq)
+
+
+class Session:
+    """Mutable state of one Decode stream; only that stream's handler task touches it."""
+
+    def __init__(self, open_message: SessionOpen, max_tokens: int, reserved_bytes: int) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.open = open_message
+        self.max_tokens = max_tokens  # budget: tokens this session may ever hold
+        self.reserved_bytes = reserved_bytes
+        self.tokens: list[int] = list(open_message.prompt_ids)
+        self.kv = SessionKV.empty()
+        self.epoch = 0
+        self.num_generated = 0
+
+    @property
+    def kind(self) -> SessionKind:
+        return self.open.kind
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.open.prompt_ids)
+
+    @property
+    def committed_length(self) -> int:
+        """Tokens in the session (prompt included), the pending one too."""
+        return len(self.tokens)
+
+    def prefill_ids(self) -> tuple[int, ...]:
+        """Prompt tokens to feed before the first frame (all but the pending last one)."""
+        return tuple(self.tokens[:-1])
+
+    def pending_ids(self, frame: DraftFrame | None = None) -> tuple[int, ...]:
+        """Tokens to feed next: the pending token, then the frame's committed and draft tokens."""
+        pending = tuple(self.tokens[self.kv.length :])
+        if frame is None:
+            return pending
+        return pending + frame.committed_ids + frame.draft_ids
+
+    def stale_verdict(self, frame: DraftFrame) -> Verdict:
+        """Answer to a frame drafted before the latest rollback: not verified."""
+        return Verdict(seq=frame.seq, epoch=self.epoch, committed_length=self.committed_length, stale=True)
+
+    def apply_verdict(self, frame: DraftFrame, outcome: FrameOutcome, kv: SessionKV, compute_ms: float) -> Verdict:
+        """Commit a verified frame: append, roll the KV back, advance the epoch on rejection."""
+        accepted = frame.draft_ids[: outcome.num_accepted]
+        self.tokens.extend(frame.committed_ids)
+        self.tokens.extend(accepted)
+        if outcome.next_token is not None:
+            self.tokens.append(outcome.next_token)
+        if not outcome.fully_accepted:
+            self.epoch += 1
+        # Rollback: drop rejected drafts' KV, and keep the last token pending.
+        self.kv = kv.crop(len(self.tokens) - 1)
+        return Verdict(
+            seq=frame.seq,
+            epoch=self.epoch,
+            committed_length=self.committed_length,
+            num_committed=outcome.num_committed,
+            num_accepted=outcome.num_accepted,
+            next_token=outcome.next_token,
+            labels=outcome.labels,
+            target_top_k=outcome.target_top_k,
+            compute_ms=compute_ms,
+        )
+
+    def append_generated(self, token: int, kv: SessionKV) -> None:
+        """Cloud-only mode: the target chose ``token``; it becomes the pending token."""
+        self.tokens.append(token)
+        self.kv = kv
+        self.num_generated += 1
+
+    def generation_done(self) -> str | None:
+        """Why a GENERATE session stops now, or None to go on."""
+        if self.num_generated and self.tokens[-1] in self.open.stop_ids:
+            return "stop"
+        if self.num_generated >= self.open.max_new_tokens:
+            return "length"
+        if self.committed_length + 1 > self.max_tokens:
+            return "context"
+        return None
+
+
+def session_token_budget(message: SessionOpen, limits: Limits) -> int:
+    """Most tokens a session may hold: what its KV reservation is sized for."""
+    wanted = len(message.prompt_ids) + message.max_new_tokens + limits.max_draft_tokens + 1
+    return min(limits.max_context_tokens, wanted)
+
+
+class AdmissionBook:
+    """Admission control: at most ``max_sessions`` sessions and ``budget_bytes`` of reserved KV."""
+
+    def __init__(self, max_sessions: int, budget_bytes: int) -> None:
+        self.max_sessions = max_sessions
+        self.budget_bytes = budget_bytes
+        self.num_sessions = 0
+        self.reserved_bytes = 0
+
+    def admit(self, reserve_bytes: int) -> None:
+        """Reserve room for one session or refuse it with RESOURCE_EXHAUSTED."""
+        if self.num_sessions >= self.max_sessions:
+            raise SessionError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is full ({self.max_sessions} sessions)")
+        if self.reserved_bytes + reserve_bytes > self.budget_bytes:
+            raise SessionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"KV memory budget exhausted: the session needs {reserve_bytes} bytes, "
+                f"{self.budget_bytes - self.reserved_bytes} of {self.budget_bytes} are free",
+            )
+        self.num_sessions += 1
+        self.reserved_bytes += reserve_bytes
+
+    def release(self, reserve_bytes: int) -> None:
+        self.num_sessions -= 1
+        self.reserved_bytes -= reserve_bytes

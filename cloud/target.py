@@ -1,0 +1,233 @@
+"""The target model: loading, per-session KV caches, and one forward pass over many sessions.
+
+Each session owns a :class:`SessionKV` (per layer keys and values of shape
+``[1, kv_heads, length, head_dim]``). A batched step stacks the sessions' caches into one
+left-padded batch cache, right-pads the new tokens, and gives every row its own position
+ids and an attention mask that hides the padding::
+
+    row i:  [ pad ... pad | past_i (L_i) | new_i (n_i) | pad ... ]
+             <--- Lmax - L_i ---><------- Lmax ------><--- Nmax --->
+
+HF's causal mask then lets new token j of row i see exactly its own past and new tokens
+0..j, so each row computes what it would alone (up to float rounding). Absolute-position
+models (GPT-2) get the right positions from ``position_ids``.
+
+Cost: stacking copies each session's KV once per batched step (as HF's own DynamicCache
+does on every append); rows are cloned back out so that no session pins a batch tensor.
+A batch of one session runs on its cache directly. A paged-attention kernel would avoid
+the copy; for the model sizes served here the copy is small next to attention itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from tandemspec.cloud.config import DeviceChoice, DtypeChoice
+
+logger = logging.getLogger(__name__)
+
+KVLayer = tuple[torch.Tensor, torch.Tensor]  # keys, values: [1, kv_heads, length, head_dim]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SessionKV:
+    """One session's KV cache; ``layers`` is empty when nothing has been fed yet."""
+
+    layers: tuple[KVLayer, ...]
+    length: int
+
+    @staticmethod
+    def empty() -> SessionKV:
+        return SessionKV(layers=(), length=0)
+
+    def crop(self, length: int) -> SessionKV:
+        """The first ``length`` positions (a view, no copy): KV rollback."""
+        assert 0 <= length <= self.length, (length, self.length)
+        if length == self.length:
+            return self
+        if length == 0:
+            return SessionKV.empty()
+        return SessionKV(tuple((k[:, :, :length], v[:, :, :length]) for k, v in self.layers), length)
+
+
+@dataclass(frozen=True)
+class ForwardRow:
+    """One session's share of a forward pass: its cache and the tokens to feed after it."""
+
+    kv: SessionKV
+    input_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """Result for one row: logits at each fed token and the extended cache."""
+
+    logits: np.ndarray  # [n, vocab] float32; row j predicts the token after input j
+    kv: SessionKV  # past + the fed tokens
+    compute_ms: float  # wall time of the whole (possibly batched) forward
+
+
+def resolve_device(choice: DeviceChoice) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: DtypeChoice, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 (else float16) on CUDA, float32 on CPU (bf16 is slow on CPUs)."""
+    if choice != "auto":
+        return _DTYPES[choice]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class TargetModel:
+    """A causal LM that runs batched forward passes over sessions' KV caches."""
+
+    def __init__(self, model: PreTrainedModel, device: torch.device, name: str) -> None:
+        self.model = model
+        self.device = device
+        self.name = name
+        config = model.config
+        self.vocab_size: int = int(config.vocab_size)
+        self.max_positions: int | None = _max_positions(config)
+        self.pad_id = 0  # any valid id: padded tokens are masked out
+        self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
+
+    @classmethod
+    def load(cls, model_dir: Path, device: DeviceChoice = "auto", dtype: DtypeChoice = "auto") -> TargetModel:
+        """Load a Hugging Face causal LM folder onto the chosen device and dtype."""
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no target model at {model_dir} (expected a Hugging Face folder with config.json; "
+                "pass --model, or build the reference pair with `tandem train-reference`)"
+            )
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        model.to(torch_device).eval()
+        logger.info("loaded target %s on %s as %s", model_dir, torch_device, torch_dtype)
+        return cls(model, torch_device, Path(model_dir).name)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def prefill(self, input_ids: Sequence[int]) -> ForwardOutput:
+        """Feed a prompt (or any tokens) with no past; a batch of one."""
+        return self.forward([ForwardRow(SessionKV.empty(), tuple(input_ids))])[0]
+
+    def forward(self, rows: Sequence[ForwardRow]) -> list[ForwardOutput]:
+        """One forward pass over ``rows`` (each with at least one new token)."""
+        assert rows and all(row.input_ids for row in rows)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if len(rows) == 1:
+                logits, outputs = self._forward_one(rows[0])
+            else:
+                logits, outputs = self._forward_batch(rows)
+        compute_ms = (time.perf_counter() - start) * 1e3
+        return [
+            ForwardOutput(logits=row_logits, kv=kv, compute_ms=compute_ms)
+            for row_logits, kv in zip(logits, outputs, strict=True)
+        ]
+
+    def _forward_one(self, row: ForwardRow) -> tuple[list[np.ndarray], list[SessionKV]]:
+        n = len(row.input_ids)
+        past = row.kv.length
+        input_ids = torch.tensor([row.input_ids], dtype=torch.long, device=self.device)  # [1, n]
+        position_ids = torch.arange(past, past + n, device=self.device)[None]  # [1, n]
+        cache = self._cache(list(row.kv.layers))
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        logits = _to_numpy(out.logits[0, :, : self.vocab_size])  # [n, vocab]
+        layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        return [logits], [SessionKV(layers, past + n)]
+
+    def _forward_batch(self, rows: Sequence[ForwardRow]) -> tuple[list[np.ndarray], list[SessionKV]]:
+        batch = len(rows)
+        past_lengths = [row.kv.length for row in rows]
+        new_lengths = [len(row.input_ids) for row in rows]
+        max_past, max_new = max(past_lengths), max(new_lengths)
+        input_ids = torch.full((batch, max_new), self.pad_id, dtype=torch.long)  # [B, Nmax]
+        attention_mask = torch.zeros(batch, max_past + max_new, dtype=torch.long)  # [B, Lmax + Nmax]
+        position_ids = torch.zeros(batch, max_new, dtype=torch.long)  # [B, Nmax]
+        position_cap = (self.max_positions or 1 << 30) - 1
+        for i, row in enumerate(rows):
+            input_ids[i, : new_lengths[i]] = torch.tensor(row.input_ids)
+            attention_mask[i, max_past - past_lengths[i] : max_past + new_lengths[i]] = 1
+            # Padded tail positions are clamped so absolute-position tables are never overrun.
+            position_ids[i] = torch.arange(past_lengths[i], past_lengths[i] + max_new).clamp(max=position_cap)
+        cache = self._cache(self._stack_past(rows, max_past))
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        all_logits = _to_numpy(out.logits[:, :, : self.vocab_size])  # [B, Nmax, vocab]
+        merged = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        logits, outputs = [], []
+        for i in range(batch):
+            lo, hi = max_past - past_lengths[i], max_past + new_lengths[i]
+            # Clone so that the session does not keep the whole batch tensor alive.
+            layers = tuple((k[i : i + 1, :, lo:hi].clone(), v[i : i + 1, :, lo:hi].clone()) for k, v in merged)
+            logits.append(all_logits[i, : new_lengths[i]])
+            outputs.append(SessionKV(layers, past_lengths[i] + new_lengths[i]))
+        return logits, outputs
+
+    def _stack_past(self, rows: Sequence[ForwardRow], max_past: int) -> list[KVLayer]:
+        """Left-pad every row's past to ``max_past``: per layer [B, kv_heads, Lmax, head_dim]."""
+        if max_past == 0:
+            return []
+        template = next(row.kv.layers for row in rows if row.kv.length > 0)
+        stacked: list[KVLayer] = []
+        for layer_index, (keys, values) in enumerate(template):
+            shape = (len(rows), keys.shape[1], max_past, keys.shape[3])
+            batch_keys = keys.new_zeros(shape)
+            batch_values = values.new_zeros((len(rows), values.shape[1], max_past, values.shape[3]))
+            for i, row in enumerate(rows):
+                if row.kv.length == 0:
+                    continue
+                row_keys, row_values = row.kv.layers[layer_index]
+                batch_keys[i, :, max_past - row.kv.length :] = row_keys[0]
+                batch_values[i, :, max_past - row.kv.length :] = row_values[0]
+            stacked.append((batch_keys, batch_values))
+        return stacked
+
+    def _cache(self, layers: list[KVLayer]) -> DynamicCache:
+        if not layers:
+            return DynamicCache(config=self.model.config)
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _measure_kv_bytes_per_token(self) -> int:
+        """KV bytes one token occupies, measured with a one-token forward (also a warm-up)."""
+        out = self.prefill([self.pad_id])
+        return sum(k.nbytes + v.nbytes for k, v in out.kv.layers)
+
+
+def _to_numpy(logits: torch.Tensor) -> np.ndarray:
+    # Host<->device sync: one copy of the batch's logits per forward pass.
+    return logits.float().cpu().numpy()
+
+
+def _max_positions(config: object) -> int | None:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

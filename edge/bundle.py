@@ -1,0 +1,168 @@
+"""The edge bundle: a versioned folder with ``drafter.onnx``, ``tokenizer.json`` and ``manifest.json``.
+
+``tandem export`` writes bundles (``tandemspec.federated.export``); the edge loads and
+validates them here without torch. The manifest records what the runtime needs to size
+its buffers (layers, KV heads, head dim, max positions), the special token ids, the
+tokenizer fingerprint the verifier must match, and a sha256 of every file so that a
+half-copied or tampered bundle is refused instead of producing garbage.
+
+Graph contract of ``drafter.onnx`` (``kv_layout = "bshd-new"``):
+
+inputs
+    ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, total] int64 (total =
+    past + seq), ``position_ids`` [batch, seq] int64, and per layer ``past.{i}.key`` and
+    ``past.{i}.value`` [batch, past, kv_heads, head_dim] float32.
+outputs
+    ``logits`` [batch, seq, vocab], ``hidden`` [batch, seq, hidden] (the final, normed
+    hidden state, for the gate), and per layer ``present.{i}.key`` / ``present.{i}.value``
+    [batch, seq, kv_heads, head_dim]: the keys and values of the *new* tokens only, so the
+    runtime appends them into a preallocated buffer and rolls back by moving a length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tandemspec
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DRAFTER_NAME = "drafter.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+GATE_NAME = "gate.onnx"
+KV_LAYOUT = "bshd-new"
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupted or of an unsupported version."""
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """What ``manifest.json`` holds (see the module docstring for the graph contract)."""
+
+    bundle_version: int
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    opset: int
+    tokenizer_fingerprint: str
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    pad_id: int | None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
+    kv_layout: str = KV_LAYOUT
+    source: str = ""  # where the drafter came from (folder name), informational
+    model_version: str = ""  # bumped by federated publishing
+
+    def to_json(self) -> str:
+        """Serialise as pretty JSON (stable key order)."""
+        data = asdict(self)
+        data["eos_ids"] = list(self.eos_ids)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> BundleManifest:
+        """Parse ``manifest.json``; raises :class:`BundleError` on missing or malformed fields."""
+        try:
+            data: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise BundleError(f"manifest is not valid JSON: {error}") from error
+        if not isinstance(data, dict):
+            raise BundleError("manifest must be a JSON object")
+        version = data.get("bundle_version")
+        if version != BUNDLE_VERSION:
+            raise BundleError(f"unsupported bundle version {version!r} (this edge reads {BUNDLE_VERSION})")
+        if data.get("kv_layout", KV_LAYOUT) != KV_LAYOUT:
+            raise BundleError(f"unsupported KV layout {data.get('kv_layout')!r} (expected {KV_LAYOUT})")
+        known = set(cls.__dataclass_fields__)
+        try:
+            kwargs = {key: value for key, value in data.items() if key in known}
+            kwargs["eos_ids"] = tuple(int(i) for i in data.get("eos_ids", ()))
+            kwargs["files"] = {str(k): str(v) for k, v in data.get("files", {}).items()}
+            manifest = cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise BundleError(f"malformed manifest: {error}") from error
+        _check_dims(manifest)
+        return manifest
+
+
+def _check_dims(manifest: BundleManifest) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_kv_heads", "head_dim", "max_positions"):
+        value = getattr(manifest, name)
+        if not isinstance(value, int) or value <= 0:
+            raise BundleError(f"manifest field {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle folder."""
+
+    path: Path
+    manifest: BundleManifest
+
+    @property
+    def drafter_path(self) -> Path:
+        return self.path / DRAFTER_NAME
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_NAME
+
+    @property
+    def gate_path(self) -> Path | None:
+        """``gate.onnx`` when the bundle carries a gate."""
+        return self.path / GATE_NAME if GATE_NAME in self.manifest.files else None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` for the given files of ``folder``."""
+    return {name: sha256_file(folder / name) for name in sorted(names)}
+
+
+def load_bundle(path: Path, verify_hashes: bool = True) -> Bundle:
+    """Read and validate a bundle folder; raises :class:`BundleError` with the reason."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not an edge bundle (no {MANIFEST_NAME}); build one with `tandem export`")
+    manifest = BundleManifest.from_json(manifest_path.read_text(encoding="utf-8"))
+    for required in (DRAFTER_NAME, TOKENIZER_NAME):
+        if required not in manifest.files:
+            raise BundleError(f"{manifest_path}: file list lacks {required}")
+    for name, expected in manifest.files.items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise BundleError(f"bundle {path} is incomplete: {name} is missing")
+        if verify_hashes and sha256_file(file_path) != expected:
+            raise BundleError(f"bundle {path}: {name} does not match its sha256 in the manifest")
+    logger.info(
+        "loaded bundle %s (%s, %d layers, vocab %d)", path, manifest.family, manifest.num_layers, manifest.vocab_size
+    )
+    return Bundle(path=path, manifest=manifest)
+
+
+def default_bundle_dir() -> Path:
+    """The repository's bundled reference edge bundle, ``models/reference/edge``."""
+    return Path(tandemspec.__file__).resolve().parent.parent / "models" / "reference" / "edge"

@@ -1,0 +1,487 @@
+"""The hybrid decoding loop: draft on the edge, verify in the cloud, fall back to local.
+
+Modes (DESIGN.md "Decoding modes"):
+
+``lossless``
+    Chain speculative decoding (Leviathan et al., arXiv:2211.17192; Chen et al.,
+    arXiv:2302.01318): the drafter proposes a block, the cloud judges every token, the
+    output follows the target exactly. With pipelining (depth 1) the next block is drafted
+    optimistically and sent before the previous verdict arrives, hiding the round trip;
+    a rejection rolls the drafter back and the in-flight frame comes back stale.
+``local``
+    The drafter alone; also what any mode continues with when the cloud is lost.
+``cloud``
+    The target generates every token (a ``GENERATE`` session).
+``gated``
+    Reserved for the uncertainty gate (a :class:`DraftPolicy` that also commits tokens).
+
+One step of the loop is ``draft -> send -> await verdict -> commit``; each is a small method
+of :class:`_Generation`, which holds one generation's state. The committed sequence
+(prompt + tokens the cloud confirmed or the edge emitted locally) is the single source of
+truth: emitted text is always exactly its generated part, so a switch to local decoding
+mid-generation neither loses nor repeats a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from tandemspec.edge.client import CloudRefused, CloudUnavailable, DecodeStream, VerifierClient
+from tandemspec.edge.devicelog import DeviceLog, RoundRecord, TokenRecord
+from tandemspec.edge.drafter import OnnxDrafter
+from tandemspec.edge.features import token_features
+from tandemspec.edge.proposal import draft_distribution, local_distribution
+from tandemspec.edge.stats import GenerationResult, StatsCounter
+from tandemspec.edge.tokenizer import EdgeTokenizer, TextTracker
+from tandemspec.sampling import sample, sample_dense, seeded_rng
+from tandemspec.types import (
+    DecodeMode,
+    DraftFrame,
+    GeneratedTokens,
+    SamplingParams,
+    SessionClose,
+    SessionDone,
+    SessionKind,
+    SessionOpen,
+    SessionReady,
+    SparseDist,
+    Verdict,
+)
+
+logger = logging.getLogger(__name__)
+
+_DRAFT_STREAM = 0x45444745  # "EDGE": the edge's random stream, apart from the cloud's
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """How the edge decodes (one per daemon; a request may override the mode)."""
+
+    mode: DecodeMode = "lossless"
+    draft_length: int = 4
+    pipeline: bool = True
+    max_support: int = 32  # truncated-q support; capped by the verifier's limit
+    return_top_k: int = 0  # ask the target for its top-k per token (logged for learning)
+    client_id: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion to produce."""
+
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 64
+    stop_strings: tuple[str, ...] = ()
+    mode: DecodeMode | None = None  # None = the decoder's configured mode
+
+
+class DraftPolicy(Protocol):
+    """Decides, per drafted token, whether to draft another (the uncertainty gate plugs in here)."""
+
+    def keep_drafting(self, index: int, logits: np.ndarray, hidden: np.ndarray) -> bool:
+        """``index``: tokens drafted so far in this block; ``logits`` [vocab] and ``hidden`` [hidden]:
+        the drafter's outputs that produced the last of them (what the gate's features describe)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedLength:
+    """Draft exactly ``length`` tokens per block."""
+
+    length: int
+
+    def keep_drafting(self, index: int, logits: np.ndarray, hidden: np.ndarray) -> bool:
+        return index < self.length
+
+
+TokenCallback = Callable[[list[int], str], None]  # (new token ids, new text)
+
+
+class HybridDecoder:
+    """Generates completions with a drafter, a verifier client and an optional device log."""
+
+    def __init__(
+        self,
+        drafter: OnnxDrafter,
+        tokenizer: EdgeTokenizer,
+        client: VerifierClient | None,
+        config: DecoderConfig | None = None,
+        log: DeviceLog | None = None,
+        policy: DraftPolicy | None = None,
+    ) -> None:
+        self.drafter = drafter
+        self.tokenizer = tokenizer
+        self.client = client
+        self.config = config or DecoderConfig()
+        self.log = log
+        self.policy = policy or FixedLength(self.config.draft_length)
+
+    def generate(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> GenerationResult:
+        """Produce one completion; never raises for a lost cloud (it falls back to ``local``)."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt must hold at least one token")
+        if request.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if (request.mode or self.config.mode) == "gated":
+            raise ValueError("gated mode needs the uncertainty gate (a DraftPolicy that commits); not available yet")
+        if len(request.prompt_ids) >= self.drafter.capacity:
+            raise ValueError(
+                f"prompt of {len(request.prompt_ids)} tokens leaves no room (capacity {self.drafter.capacity})"
+            )
+        return _Generation(self, request, on_tokens).run()
+
+
+@dataclass
+class _SentFrame:
+    """A draft frame in flight, with what the edge needs when its verdict comes back."""
+
+    frame: DraftFrame
+    features: np.ndarray | None  # [k, feature_dim] when logging
+    stale: bool = False
+
+
+@dataclass
+class _Block:
+    ids: list[int]
+    dists: list[SparseDist]
+    features: np.ndarray | None
+    ends_with_eos: bool
+
+
+class _Generation:
+    """The state of one generation and the steps of its loop."""
+
+    def __init__(self, decoder: HybridDecoder, request: GenerationRequest, on_tokens: TokenCallback | None) -> None:
+        self.decoder = decoder
+        self.drafter = decoder.drafter
+        self.request = request
+        self.sampling = request.sampling
+        self.mode: DecodeMode = request.mode or decoder.config.mode
+        self.prompt_length = len(request.prompt_ids)
+        self.committed: list[int] = list(request.prompt_ids)
+        self.eos = set(decoder.tokenizer.eos_ids)
+        self.text = TextTracker(decoder.tokenizer, request.stop_strings)
+        self.on_tokens = on_tokens
+        self.finish_reason: str | None = None
+        self.stats = StatsCounter(mode_requested=self.mode)
+        self.limit = min(self.prompt_length + request.max_new_tokens, self.drafter.capacity)
+        self.session_id = ""
+        self.stream: DecodeStream | None = None
+
+    # -- orchestration ---------------------------------------------------------------
+
+    def run(self) -> GenerationResult:
+        start = time.perf_counter()
+        if self.request.max_new_tokens == 0:
+            self.finish_reason = "length"
+        elif self.mode in ("lossless", "cloud"):
+            self._run_cloud_mode()
+        if self.finish_reason is None:
+            self._run_local()
+        self.stats.wall_s = time.perf_counter() - start
+        generated = self.committed[self.prompt_length :]
+        return GenerationResult(
+            prompt_ids=self.request.prompt_ids,
+            token_ids=tuple(generated),
+            text=self.text.final_text(),
+            finish_reason=self.finish_reason or "length",
+            stats=self.stats.freeze(len(generated)),
+        )
+
+    def _run_cloud_mode(self) -> None:
+        client = self.decoder.client
+        if client is None:
+            self._fall_back("no verifier configured")
+            return
+        try:
+            info = client.ensure_connected()
+            if info.tokenizer_fingerprint != self.drafter.manifest.tokenizer_fingerprint:
+                raise CloudRefused(None, "the verifier's tokenizer differs from the bundle's")
+            if self.mode == "cloud":
+                self._run_generate(info.limits.max_new_tokens)
+            else:
+                limits = info.limits
+                self._run_verify(
+                    limits.max_draft_tokens, limits.max_support, limits.max_context_tokens, limits.max_new_tokens
+                )
+            self.stats.mode_used = self.mode
+        except CloudUnavailable as error:
+            if self.stream is not None:
+                client.record_failure()
+            self._fall_back(str(error))
+        finally:
+            self._close_stream()
+
+    def _fall_back(self, reason: str) -> None:
+        logger.warning("continuing locally after %d tokens: %s", len(self.committed) - self.prompt_length, reason)
+        self.stats.fell_back_to_local = True
+        self.stats.fallback_reason = reason
+        self.stats.fallback_at_token = len(self.committed) - self.prompt_length
+
+    def _close_stream(self) -> None:
+        if self.stream is None:
+            return
+        finished = self.finish_reason is not None
+        if finished:  # a normal end: say so and let the verifier close the stream
+            self.stream.send(SessionClose(reason=self.finish_reason or ""))
+        self.stats.add_stream(self.stream)
+        self.stream.close(cancel=not finished)  # a failure or an exception: abort the call
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _open(self, kind: SessionKind, max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> DecodeStream:
+        assert self.decoder.client is not None
+        self.stream = self.decoder.client.open_stream()
+        self.stream.send(
+            SessionOpen(
+                prompt_ids=tuple(self.committed),
+                sampling=self.sampling,
+                max_new_tokens=max_new_tokens,
+                tokenizer_fingerprint=self.drafter.manifest.tokenizer_fingerprint,
+                kind=kind,
+                return_top_k=self.decoder.config.return_top_k,
+                stop_ids=stop_ids,
+                client_id=self.decoder.config.client_id,
+            )
+        )
+        ready = self.stream.recv()
+        if not isinstance(ready, SessionReady):
+            raise CloudRefused(None, f"expected SessionReady, got {type(ready).__name__}")
+        self.session_id = ready.session_id
+        self.stats.prefill_ms += ready.prefill_ms
+        return self.stream
+
+    def _run_generate(self, cloud_max_new: int) -> None:
+        """Cloud-only mode: the target generates, the edge streams what arrives."""
+        budget = self.limit - len(self.committed)
+        stream = self._open(SessionKind.GENERATE, min(budget, cloud_max_new or budget), tuple(self.eos))
+        while self.finish_reason is None:
+            message = stream.recv()
+            if isinstance(message, GeneratedTokens):
+                self.stats.verify_compute_s += message.compute_ms / 1000
+                self.stats.num_target_passes += len(message.ids)
+                self._emit(list(message.ids))
+            elif isinstance(message, SessionDone):
+                self.finish_reason = self.finish_reason or ("stop" if self.committed[-1] in self.eos else "length")
+            else:
+                raise CloudRefused(None, f"unexpected {type(message).__name__} in a generate session")
+
+    def _run_verify(self, max_draft: int, max_support: int, max_context: int, cloud_max_new: int) -> None:
+        """Lossless speculative decoding, pipelined when configured."""
+        config = self.decoder.config
+        self.max_draft = max(1, min(config.draft_length, max_draft or config.draft_length))
+        self.max_support = max(1, min(config.max_support, max_support or config.max_support))
+        if max_context:
+            self.limit = min(self.limit, max_context - 1)  # the correction/bonus may add one more
+        wanted = self.limit - self.prompt_length + 1  # the last correction/bonus may pass the limit
+        stream = self._open(SessionKind.VERIFY, min(wanted, cloud_max_new) if cloud_max_new else wanted)
+        self.epoch, self.seq = 0, 0
+        self.in_flight: deque[_SentFrame] = deque()
+        self._sync_drafter(self.committed)
+        while self.finish_reason is None:
+            self._fill_pipeline()
+            if not self.in_flight:
+                self.finish_reason = "length"  # no room left to draft
+                break
+            self._await_verdict(stream)
+
+    # -- lossless steps: draft -> send -> await verdict -> commit -------------------------
+
+    def _tip(self) -> list[int]:
+        """Committed ids followed by the drafts of frames in flight in the current epoch."""
+        tip = list(self.committed)
+        for sent in self.in_flight:
+            if not sent.stale:
+                tip.extend(sent.frame.draft_ids)
+        return tip
+
+    def _fill_pipeline(self) -> None:
+        """Send frames until one (no pipelining) or two (depth-1 pipelining) are live."""
+        depth = 2 if self.decoder.config.pipeline else 1
+        while sum(not s.stale for s in self.in_flight) < depth:
+            live = [s for s in self.in_flight if not s.stale]
+            if live and not live[-1].frame.expects_continuation:
+                return  # the last live frame ends the generation if accepted
+            tip = self._tip()
+            room = self.limit - len(tip)
+            if room <= 0:
+                return
+            block = self._draft(tip, min(self.max_draft, room))
+            is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.limit
+            self._send(len(tip), block, expects_continuation=self.decoder.config.pipeline and not is_last)
+
+    def _draft(self, tip: list[int], max_tokens: int) -> _Block:
+        """Draft up to ``max_tokens`` tokens after ``tip`` (the drafter then lacks only the last)."""
+        start = time.perf_counter()
+        logits, hidden = self.drafter.extend(tip[self.drafter.length :])
+        logits_row, hidden_row = logits[-1], hidden[-1]
+        ids: list[int] = []
+        dists: list[SparseDist] = []
+        rows: list[tuple[np.ndarray, np.ndarray]] = []
+        while True:
+            token, dist = self._pick(logits_row, len(tip) + len(ids))
+            ids.append(token)
+            if dist is not None:
+                dists.append(dist)
+            if self.decoder.log is not None:
+                rows.append((logits_row, hidden_row))
+            if (
+                token in self.eos
+                or len(ids) >= max_tokens
+                or not self.decoder.policy.keep_drafting(len(ids), logits_row, hidden_row)
+            ):
+                break
+            logits, hidden = self.drafter.extend([token])
+            logits_row, hidden_row = logits[-1], hidden[-1]
+        features = None
+        if rows:
+            features = token_features(
+                np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), np.arange(len(rows))
+            )
+        self.stats.draft_s += time.perf_counter() - start
+        return _Block(ids=ids, dists=dists, features=features, ends_with_eos=ids[-1] in self.eos)
+
+    def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
+        """The drafted token at ``position`` and, when sampling, the exact truncated q it came from."""
+        if self.sampling.is_greedy:
+            return int(np.argmax(logits)), None
+        q = draft_distribution(logits, self.sampling, self.max_support)
+        return sample(q, seeded_rng(self.sampling.seed, position, _DRAFT_STREAM)), q
+
+    def _send(self, position: int, block: _Block, expects_continuation: bool) -> None:
+        assert self.stream is not None
+        frame = DraftFrame(
+            seq=self.seq,
+            epoch=self.epoch,
+            position=position,
+            draft_ids=tuple(block.ids),
+            draft_dists=tuple(block.dists),
+            expects_continuation=expects_continuation,
+        )
+        self.seq += 1
+        self.stream.send(frame)
+        self.stats.num_cloud_frames += 1
+        self.in_flight.append(_SentFrame(frame=frame, features=block.features))
+
+    def _await_verdict(self, stream: DecodeStream) -> None:
+        message = stream.recv()
+        if not isinstance(message, Verdict):
+            raise CloudRefused(None, f"expected a Verdict, got {type(message).__name__}")
+        sent = self.in_flight.popleft()
+        if message.seq != sent.frame.seq:
+            raise CloudRefused(None, f"verdict for frame {message.seq} while frame {sent.frame.seq} was expected")
+        if message.stale or sent.stale:
+            self.stats.num_stale_frames += 1
+            return
+        self._commit(sent, message)
+
+    def _commit(self, sent: _SentFrame, verdict: Verdict) -> None:
+        """Apply an authoritative verdict: emit accepted tokens and the correction or bonus."""
+        frame = sent.frame
+        if frame.position != len(self.committed):
+            raise CloudRefused(
+                None, f"frame at {frame.position} judged while {len(self.committed)} tokens are committed"
+            )
+        accepted = list(frame.draft_ids[: verdict.num_accepted])
+        new = accepted + ([verdict.next_token] if verdict.next_token is not None else [])
+        self.stats.add_verdict(len(frame.draft_ids), verdict)
+        self._log_round(sent, verdict)
+        if verdict.committed_length != len(self.committed) + len(new):
+            raise CloudRefused(
+                None, f"verdict says {verdict.committed_length} tokens, edge counts {len(self.committed) + len(new)}"
+            )
+        rejected = verdict.num_accepted < len(frame.draft_ids)
+        if rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
+            # The future the later frames were drafted on is gone: they come back stale.
+            for later in self.in_flight:
+                later.stale = True
+            self.epoch = verdict.epoch
+            self._emit(new)
+            self._sync_drafter(self.committed)
+        else:
+            self._emit(new)
+
+    def _sync_drafter(self, ids: list[int]) -> None:
+        """Roll the drafter back to the longest cached prefix of ``ids``, leaving at least one token to feed."""
+        cached = self.drafter.tokens
+        n = min(len(cached), len(ids) - 1)
+        mismatch = np.flatnonzero(cached[:n] != np.asarray(ids[:n], dtype=np.int64))
+        self.drafter.rollback(int(mismatch[0]) if mismatch.size else n)
+
+    def _log_round(self, sent: _SentFrame, verdict: Verdict) -> None:
+        log = self.decoder.log
+        if log is None or sent.features is None:
+            return
+        frame = sent.frame
+        labels = verdict.labels[verdict.num_committed :]
+        top_k = verdict.target_top_k[verdict.num_committed :] if verdict.target_top_k else ()
+        tokens = tuple(
+            TokenRecord(
+                token_id=token,
+                committed=False,
+                label=bool(label),
+                features=sent.features[i],
+                target_top_k=top_k[i] if i < len(top_k) else None,
+            )
+            for i, (token, label) in enumerate(zip(frame.draft_ids, labels, strict=False))
+        )
+        log.record_round(
+            RoundRecord(
+                session=self.session_id,
+                position=frame.position,
+                mode=self.mode,
+                tokens=tokens,
+                temperature=self.sampling.temperature,
+                bundle_version=self.drafter.manifest.model_version,
+                context_ids=tuple(self.committed) if top_k else None,
+            )
+        )
+
+    # -- local --------------------------------------------------------------------------
+
+    def _run_local(self) -> None:
+        """Drafter-only decoding from the committed sequence."""
+        if self.stats.mode_used is None:
+            self.stats.mode_used = "local"
+        self._sync_drafter(self.committed)
+        while self.finish_reason is None:
+            if len(self.committed) >= self.limit:
+                self.finish_reason = "length"
+                break
+            start = time.perf_counter()
+            logits, _ = self.drafter.extend(self.committed[self.drafter.length :])
+            token = self._pick_local(logits[-1], len(self.committed))
+            self.stats.draft_s += time.perf_counter() - start
+            self.stats.num_local_tokens += 1
+            self._emit([token])
+
+    def _pick_local(self, logits: np.ndarray, position: int) -> int:
+        if self.sampling.is_greedy:
+            return int(np.argmax(logits))
+        ids, probs = local_distribution(logits, self.sampling)
+        return int(ids[sample_dense(probs, seeded_rng(self.sampling.seed, position, _DRAFT_STREAM))])
+
+    # -- output ---------------------------------------------------------------------------
+
+    def _emit(self, ids: list[int]) -> None:
+        """Append tokens to the committed sequence, stopping at EOS, a stop string or the limit."""
+        emitted: list[int] = []
+        for token in ids:
+            if self.finish_reason is not None:
+                break
+            self.committed.append(token)
+            emitted.append(token)
+            if self.text.push(token) or token in self.eos:
+                self.finish_reason = "stop"
+            elif len(self.committed) >= self.prompt_length + self.request.max_new_tokens:
+                self.finish_reason = "length"
+        if emitted and self.on_tokens is not None:
+            self.on_tokens(emitted, self.text.take_delta(final=self.finish_reason is not None))

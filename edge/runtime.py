@@ -1,0 +1,116 @@
+"""The edge's configuration and the objects built from it once at start-up.
+
+:class:`EdgeConfig` is the ``[edge]`` concern of :func:`tandemspec.config.load_config`
+(defaults < TOML < ``TANDEM_EDGE_*`` environment < flags); :func:`build_runtime` turns it
+into a loaded bundle, a warmed-up drafter, the tokenizer, the verifier client, the device
+log and the decoder that ties them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tandemspec.config import load_config
+from tandemspec.edge.bundle import Bundle, default_bundle_dir, load_bundle
+from tandemspec.edge.client import ClientConfig, VerifierClient
+from tandemspec.edge.decoder import DecoderConfig, HybridDecoder
+from tandemspec.edge.devicelog import DEFAULT_MAX_ROWS, DeviceLog
+from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
+from tandemspec.edge.tokenizer import EdgeTokenizer
+from tandemspec.types import DecodeMode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything the edge needs; see ``tandem edge generate --help`` / ``tandem edge serve --help``."""
+
+    cloud: str | None = None  # verifier HOST:PORT; None = local only
+    bundle: Path | None = None  # None = the bundled reference bundle
+    auth_token_file: Path | None = None
+    tls_ca: Path | None = None
+    mode: DecodeMode = "lossless"
+    draft_length: int = 4
+    pipeline: bool = True
+    max_support: int = 32
+    return_top_k: int = 0
+    log_db: Path | None = None
+    log_max_rows: int = DEFAULT_MAX_ROWS
+    threads: int = 0  # ONNX Runtime intra-op threads (0 = its default)
+    connect_timeout_s: float = 3.0
+    recv_timeout_s: float = 20.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    client_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.draft_length < 1:
+            raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
+        if self.max_support < 1:
+            raise ValueError(f"max_support must be >= 1, got {self.max_support}")
+        if self.mode == "gated":
+            raise ValueError("gated mode needs the uncertainty gate, which this edge does not have yet")
+
+
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    """Build the config from ``--config``, the environment and the flags that were given."""
+    flags: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name in ("cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "log_db", "host", "port")
+    }
+    if getattr(args, "no_pipeline", False):
+        flags["pipeline"] = False
+    return load_config(EdgeConfig, "edge", file=getattr(args, "config", None), flags=flags)
+
+
+class EdgeRuntime:
+    """Bundle, drafter, tokenizer, client, log and decoder, built once (a context manager)."""
+
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self.bundle: Bundle = load_bundle(config.bundle or default_bundle_dir())
+        self.tokenizer = EdgeTokenizer.from_bundle(self.bundle)
+        self.drafter = OnnxDrafter(self.bundle, DrafterOptions(intra_op_threads=config.threads))
+        self.client = VerifierClient(_client_config(config)) if config.cloud else None
+        self.log = DeviceLog(config.log_db, config.log_max_rows) if config.log_db else None
+        decoder_config = DecoderConfig(
+            mode=config.mode,
+            draft_length=config.draft_length,
+            pipeline=config.pipeline,
+            max_support=config.max_support,
+            return_top_k=config.return_top_k,
+            client_id=config.client_id,
+        )
+        self.decoder = HybridDecoder(self.drafter, self.tokenizer, self.client, decoder_config, self.log)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.log is not None:
+            self.log.close()
+
+    def __enter__(self) -> EdgeRuntime:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _client_config(config: EdgeConfig) -> ClientConfig:
+    assert config.cloud is not None
+    token = None
+    if config.auth_token_file is not None:
+        token = config.auth_token_file.read_text(encoding="utf-8").strip()
+    return ClientConfig(
+        address=config.cloud,
+        auth_token=token,
+        tls_ca=config.tls_ca,
+        connect_timeout_s=config.connect_timeout_s,
+        recv_timeout_s=config.recv_timeout_s,
+    )
