@@ -98,6 +98,9 @@ class VerifierService:
         except SessionError as error:
             await self._fail(context, error)
         except Exception as error:  # a bug or a failed forward: end this session only, say so
+            if context.cancelled():  # the edge went away mid-write: routine, not a failure
+                logger.info("session cancelled by the client: %s", error)
+                return
             logger.exception("session failed")
             await self._fail(context, SessionError(grpc.StatusCode.INTERNAL, f"internal error: {error}"))
         finally:

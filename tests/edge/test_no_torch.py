@@ -47,6 +47,9 @@ def test_every_edge_module_imports_and_decodes_without_torch(tiny_bundle_dir: Ca
         import importlib, pkgutil
         import tandemspec.edge
         names = [m.name for m in pkgutil.walk_packages(tandemspec.edge.__path__, "tandemspec.edge.")]
+        # What the edge builds on: the CLI, config, shared math and the wire contract.
+        names += ["tandemspec.cli", "tandemspec.config", "tandemspec.sampling", "tandemspec.types",
+                  "tandemspec.fingerprint", "tandemspec.protos.codec", "tandemspec.protos.tandem_pb2_grpc"]
         for name in names:
             importlib.import_module(name)
         assert "tandemspec.cloud" not in sys.modules
