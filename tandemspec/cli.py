@@ -110,11 +110,15 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pair", default="default", help="folder with target/ and drafter/, or 'default'")
+    # Size defaults live in tandemspec.bench.commands (full and --quick); flags override them.
+    parser.add_argument("--pair", default="default", help="folder with target/, drafter/ and edge/, or 'default'")
     parser.add_argument("--prompts", type=Path, help="JSONL prompts (default: bundled held-out prompts)")
-    parser.add_argument("--rtt-ms", default="0,20,80", help="round-trip delays to emulate")
-    parser.add_argument("--concurrency", default="1,4,16", help="numbers of concurrent edges")
-    parser.add_argument("--modes", help="comma-separated subset of modes")
+    parser.add_argument("--rtt-ms", help="round-trip delays to emulate (default 0,20,80; quick 0,40)")
+    parser.add_argument("--concurrency", help="numbers of concurrent edges (default 1,4,16; quick 1,4)")
+    parser.add_argument(
+        "--modes", help="comma-separated subset of cloud,local,lossless-sync,lossless (gated: not built yet)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="tokens per completion (default 64; quick 32)")
     parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
     parser.add_argument("--out", type=Path, required=True)
 
@@ -172,7 +176,12 @@ VERBS: tuple[Verb, ...] = (
         _export_args,
         "tandemspec.federated.export:export_main",
     ),
-    Verb(("bench",), "measure every mode over an emulated link", _bench_args, None),
+    Verb(
+        ("bench",),
+        "measure every mode over an emulated link",
+        _bench_args,
+        "tandemspec.bench.commands:bench_main",
+    ),
     Verb(
         ("demo",),
         "start a local verifier and edge, print completions and statistics",

@@ -1,0 +1,168 @@
+"""``tandem bench``: start a verifier and the link emulator in-process, run, score, report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandemspec.bench.figures import continuations, headline, mode_figures
+from tandemspec.bench.link import LinkConfig, run_in_thread
+from tandemspec.bench.prompts import PROMPTS_FILE, load_prompts
+from tandemspec.bench.report import machine_info, package_versions, write_json, write_markdown, write_plots
+from tandemspec.bench.runner import (
+    BASELINE_MODE,
+    MODES,
+    BenchConfig,
+    Progress,
+    PromptRun,
+    run_load,
+    run_modes,
+)
+from tandemspec.edge.bundle import default_bundle_dir, load_bundle
+from tandemspec.edge.tokenizer import EdgeTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSizes:
+    """How big a run is: the full default, or ``--quick`` (under 3 minutes on 2 CPU cores)."""
+
+    num_prompts: int | None  # None = every prompt
+    max_new_tokens: int
+    rtts_ms: tuple[float, ...]
+    concurrency: tuple[int, ...]
+    num_assisted_prompts: int
+
+
+FULL = RunSizes(None, 64, (0.0, 20.0, 80.0), (1, 4, 16), 4)
+QUICK = RunSizes(6, 32, (0.0, 40.0), (1, 4), 2)
+
+
+def parse_list(text: str, kind: type[float] | type[int]) -> tuple[Any, ...]:
+    """``"0,20,80"`` -> ``(0.0, 20.0, 80.0)`` (or ints)."""
+    return tuple(kind(part) for part in text.split(",") if part.strip())
+
+
+def pair_dirs(pair: str) -> tuple[Path, Path, Path]:
+    """(target, drafter, edge bundle) folders of a pair folder, or of the bundled reference pair."""
+    root = default_bundle_dir().parent if pair == "default" else Path(pair)
+    dirs = (root / "target", root / "drafter", root / "edge")
+    for path in dirs:
+        if not path.is_dir():
+            raise ValueError(f"{root} lacks {path.name}/ (a pair folder holds target/, drafter/ and edge/)")
+    return dirs
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The bench configuration from the command line (``--quick`` sets smaller defaults)."""
+    sizes = QUICK if args.quick else FULL
+    target, drafter, bundle = pair_dirs(args.pair)
+    prompts = load_prompts(args.prompts or PROMPTS_FILE)
+    if sizes.num_prompts is not None:
+        prompts = prompts[: sizes.num_prompts]
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else BenchConfig.modes
+    return BenchConfig(
+        target_dir=target,
+        drafter_dir=drafter,
+        bundle_dir=bundle,
+        prompts=tuple(prompts),
+        modes=modes,
+        rtts_ms=parse_list(args.rtt_ms, float) if args.rtt_ms else sizes.rtts_ms,
+        concurrency=parse_list(args.concurrency, int) if args.concurrency else sizes.concurrency,
+        max_new_tokens=args.max_new_tokens or sizes.max_new_tokens,
+        num_assisted_prompts=sizes.num_assisted_prompts,
+    )
+
+
+def stderr_progress(message: str) -> None:
+    """A progress line on stderr."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def measure(config: BenchConfig, progress: Progress) -> tuple[list[PromptRun], list[dict[str, Any]]]:
+    """The timed part: a verifier and a link in-process, every mode, then the load test."""
+    from tandemspec.cloud.config import CloudConfig
+    from tandemspec.cloud.server import serve_in_thread
+
+    bundle = load_bundle(config.bundle_dir)
+    tokenizer = EdgeTokenizer.from_bundle(bundle)
+    encoded = [tokenizer.encode_prompt(prompt) for prompt in config.prompts]
+    progress(f"starting a verifier for {config.target_dir}")
+    with serve_in_thread(CloudConfig(model_dir=config.target_dir, port=0)) as server:
+        link = run_in_thread(server.host, server.port, LinkConfig(rtt_ms=config.rtts_ms[0]))
+        try:
+            runs = run_modes(config, server, link, encoded, progress)
+            load = [dataclasses.asdict(r) for r in run_load(config, server, link, encoded, progress)]
+        finally:
+            link.stop()
+    return runs, load
+
+
+def score(config: BenchConfig, runs: Sequence[PromptRun], progress: Progress) -> tuple[dict[Any, Any], Any]:
+    """The target's NLL of every distinct continuation, and the assisted-generation reference."""
+    from tandemspec.bench.scoring import load_causal_lm, run_assisted, score_continuations
+
+    progress("scoring continuations with the target")
+    target = load_causal_lm(config.target_dir)
+    pairs = continuations(runs)
+    nll = dict(zip(pairs, score_continuations(target, pairs), strict=True))
+    greedy = {r.prompt_index: (r.prompt_ids, r.token_ids) for r in runs if r.mode == BASELINE_MODE}
+    picked = [greedy[i] for i in sorted(greedy)][: config.num_assisted_prompts]
+    if not picked:
+        return nll, None
+    progress(f"transformers assisted generation on {len(picked)} prompts")
+    drafter = load_causal_lm(config.drafter_dir)
+    assisted = run_assisted(target, drafter, [p for p, _ in picked], [t for _, t in picked], config.max_new_tokens)
+    return nll, dataclasses.asdict(assisted)
+
+
+def run_bench(config: BenchConfig, out: Path, command: str, progress: Progress = stderr_progress) -> dict[str, Any]:
+    """Run, score and write ``results.json``, ``results.md`` and the plots into ``out``."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    runs, load = measure(config, progress)
+    nll, assisted = score(config, runs, progress)
+    figures = mode_figures(runs, nll)
+    config_dict = dataclasses.asdict(config) | {"num_prompts": len(config.prompts)}
+    config_dict.pop("prompts")
+    results: dict[str, Any] = {
+        "command": command,
+        "config": config_dict,
+        "machine": machine_info(),
+        "versions": package_versions(),
+        "modes": list(figures),
+        "skipped_modes": {m.name: m.unavailable for m in MODES if m.unavailable},
+        "rtts_ms": [f"{r:g}" for r in config.rtts_ms],
+        "figures": figures,
+        "headline": headline(figures, load),
+        "load": load,
+        "assisted_reference": assisted,
+        "wall_s": time.perf_counter() - started,
+    }
+    write_json(out / "results.json", results)
+    write_markdown(out / "results.md", results)
+    write_plots(out, results)
+    progress(f"wrote {out}/results.json, results.md and plots in {results['wall_s']:.0f} s")
+    return results
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """Entry point of ``tandem bench``."""
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as error:
+        print(f"tandem bench: {error}", file=sys.stderr)
+        return 1
+    command = "tandem " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "tandem bench"
+    run_bench(config, args.out, command)
+    print(args.out / "results.md")
+    return 0

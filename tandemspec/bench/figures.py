@@ -1,0 +1,156 @@
+"""The figures of BENCHMARK.md, computed from the runs of one bench.
+
+Per mode and RTT: exact-match rate against the cloud-only greedy output, quality
+recovered, target passes and cloud seconds per token, mean accepted length, wire cost per
+token, TTFT and TPOT percentiles, single-edge tokens/s. Token-weighted ratios pool all
+prompts (total cost / total tokens), so long and short completions count by their size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tandemspec.bench.runner import BASELINE_MODE, DRAFTER_MODE, PromptRun
+from tandemspec.bench.scoring import TokenNll
+
+Continuation = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, generated ids)
+FIGURE_NAMES = (
+    "num_prompts",
+    "num_tokens",
+    "exact_match_rate",
+    "nll",
+    "quality_recovered",
+    "target_passes_per_token",
+    "server_passes_per_token",
+    "cloud_s_per_token",
+    "mean_accepted_length",
+    "bytes_up_per_token",
+    "bytes_down_per_token",
+    "messages_per_token",
+    "ttft_ms_p50",
+    "ttft_ms_p95",
+    "tpot_ms_p50",
+    "tpot_ms_p95",
+    "tokens_per_s",
+    "num_fell_back",
+)
+
+
+def percentile_ms(values_s: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values_s``, in milliseconds (0 for no values)."""
+    return float(np.percentile(np.asarray(values_s) * 1000.0, q)) if len(values_s) else 0.0
+
+
+def mean_nll(runs: Sequence[PromptRun], nll: Mapping[Continuation, TokenNll]) -> float:
+    """Token-weighted mean NLL (nats/token) of the runs' continuations under the target."""
+    scores = [nll[(r.prompt_ids, r.token_ids)] for r in runs]
+    num_tokens = sum(s.num_tokens for s in scores)
+    return sum(s.total_nll for s in scores) / num_tokens if num_tokens else float("nan")
+
+
+def quality_recovered(nll_mode: float, nll_drafter: float, nll_target: float) -> float | None:
+    """(NLL_drafter − NLL_mode) / (NLL_drafter − NLL_target); None when the two agree."""
+    gap = nll_drafter - nll_target
+    if not np.isfinite(gap) or abs(gap) < 1e-9:
+        return None
+    return (nll_drafter - nll_mode) / gap
+
+
+def exact_match_rate(runs: Sequence[PromptRun], baseline: Mapping[int, tuple[int, ...]]) -> float | None:
+    """Share of prompts whose output equals the cloud-only greedy output (None without a baseline)."""
+    judged = [r for r in runs if r.prompt_index in baseline]
+    if not judged:
+        return None
+    return sum(r.token_ids == baseline[r.prompt_index] for r in judged) / len(judged)
+
+
+def cost_figures(runs: Sequence[PromptRun]) -> dict[str, float | None]:
+    """Per-token cost and latency figures of one mode at one RTT (accepted length: None without rounds)."""
+    stats = [r.stats for r in runs]
+    tokens = max(sum(s["num_generated"] for s in stats), 1)
+    rounds = sum(s["num_rounds"] for s in stats)
+    verified = sum(s["mean_accepted_length"] * s["num_rounds"] for s in stats)
+    wall_s = sum(s["wall_s"] for s in stats)
+    return {
+        "num_prompts": len(runs),
+        "num_tokens": sum(s["num_generated"] for s in stats),
+        "target_passes_per_token": sum(s["num_target_passes"] for s in stats) / tokens,
+        "server_passes_per_token": sum(r.server_step_passes + r.server_prefill_passes for r in runs) / tokens,
+        "cloud_s_per_token": sum(s["verify_compute_s"] for s in stats) / tokens,
+        "mean_accepted_length": verified / rounds if rounds else None,
+        "bytes_up_per_token": sum(s["bytes_up"] for s in stats) / tokens,
+        "bytes_down_per_token": sum(s["bytes_down"] for s in stats) / tokens,
+        "messages_per_token": sum(r.messages_up + r.messages_down for r in runs) / tokens,
+        "ttft_ms_p50": percentile_ms([r.ttft_s for r in runs], 50),
+        "ttft_ms_p95": percentile_ms([r.ttft_s for r in runs], 95),
+        "tpot_ms_p50": percentile_ms([r.tpot_s for r in runs], 50),
+        "tpot_ms_p95": percentile_ms([r.tpot_s for r in runs], 95),
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "num_fell_back": sum(bool(s["fell_back_to_local"]) for s in stats),
+    }
+
+
+def mode_figures(runs: Sequence[PromptRun], nll: Mapping[Continuation, TokenNll]) -> dict[str, dict[str, Any]]:
+    """``{mode: {rtt_ms (str): {figure: value}}}`` for every mode and RTT in ``runs``."""
+    figures: dict[str, dict[str, Any]] = {}
+    for rtt_ms in sorted({r.rtt_ms for r in runs}):
+        at_rtt = [r for r in runs if r.rtt_ms == rtt_ms]
+        by_mode: dict[str, list[PromptRun]] = {}
+        for run in at_rtt:
+            by_mode.setdefault(run.mode, []).append(run)
+        baseline = {r.prompt_index: r.token_ids for r in by_mode.get(BASELINE_MODE, [])}
+        nll_target = mean_nll(by_mode[BASELINE_MODE], nll) if BASELINE_MODE in by_mode else float("nan")
+        nll_drafter = mean_nll(by_mode[DRAFTER_MODE], nll) if DRAFTER_MODE in by_mode else float("nan")
+        for mode, mode_runs in by_mode.items():
+            nll_mode = mean_nll(mode_runs, nll)
+            row: dict[str, Any] = cost_figures(mode_runs)
+            row["exact_match_rate"] = exact_match_rate(mode_runs, baseline)
+            row["nll"] = nll_mode
+            row["quality_recovered"] = quality_recovered(nll_mode, nll_drafter, nll_target)
+            figures.setdefault(mode, {})[f"{rtt_ms:g}"] = {name: row[name] for name in FIGURE_NAMES}
+    return figures
+
+
+def continuations(runs: Sequence[PromptRun]) -> list[Continuation]:
+    """The distinct (prompt, continuation) pairs to score (identical outputs are scored once)."""
+    return sorted({(r.prompt_ids, r.token_ids) for r in runs})
+
+
+def headline(
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]], load: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Ratios against the cloud-only baseline at each RTT, and throughput at the highest concurrency."""
+    ratios: dict[str, Any] = {}
+    baseline = figures.get(BASELINE_MODE, {})
+    for mode, by_rtt in figures.items():
+        if mode == BASELINE_MODE:
+            continue
+        for rtt, row in by_rtt.items():
+            base = baseline.get(rtt)
+            if base is None:
+                continue
+            ratios.setdefault(mode, {})[rtt] = {
+                name: _ratio(row[name], base[name])
+                for name in ("target_passes_per_token", "cloud_s_per_token", "tpot_ms_p50")
+            } | {"bytes_per_token": _ratio(_bytes(row), _bytes(base))}
+    top = max((r["concurrency"] for r in load), default=0)
+    served = {r["mode"]: r["tokens_per_s"] for r in load if r["concurrency"] == top}
+    throughput = (
+        {mode: _ratio(value, served[BASELINE_MODE]) for mode, value in served.items()}
+        if served.get(BASELINE_MODE)
+        else {}
+    )
+    return {"vs_cloud": ratios, "concurrency": top, "tokens_per_s": served, "tokens_per_s_vs_cloud": throughput}
+
+
+def _bytes(row: Mapping[str, Any]) -> float:
+    return float(row["bytes_up_per_token"] + row["bytes_down_per_token"])
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return float(value) / float(base)
