@@ -147,6 +147,8 @@ def _evaluate_reference_args(parser: argparse.ArgumentParser) -> None:
 def _gate_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log", type=Path, required=True, help="device log (SQLite)")
     parser.add_argument("--out", type=Path, help="edge bundle to write the gate into")
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of tokens held out for evaluation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
 
 
 VERBS: tuple[Verb, ...] = (
@@ -169,7 +171,12 @@ VERBS: tuple[Verb, ...] = (
         "tandemspec.cloud.commands:serve_main",
     ),
     Verb(("fed", "run"), "run federated rounds that update gate and drafter", _fed_run_args, None),
-    Verb(("gate", "train"), "train the uncertainty gate centrally from a device log", _gate_train_args, None),
+    Verb(
+        ("gate", "train"),
+        "train the uncertainty gate centrally from a device log",
+        _gate_train_args,
+        "tandemspec.federated.gate:train_main",
+    ),
     Verb(
         ("export",),
         "turn a drafter into an edge bundle (ONNX)",
