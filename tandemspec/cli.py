@@ -197,7 +197,7 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb(
         ("train-reference",),
-        "rebuild the bundled reference pair from the stdlib (hours on CPU; resumable)",
+        "rebuild the bundled reference pair from the stdlib (~80 min on 2 CPU cores; resumable)",
         _train_reference_args,
         "tandemspec.federated.reference.commands:train_main",
     ),
