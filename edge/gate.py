@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from tandemspec.edge.features import token_features
+
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "features"
@@ -42,3 +44,30 @@ class OnnxGate:
             raise ValueError(f"gate expects features [n, {self.feature_dim}], got {x.shape}")
         (p_accept,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
         return np.asarray(p_accept, np.float32).reshape(len(x))
+
+
+class SurvivalDraftLength:
+    """Dynamic draft length from the gate (EAGLE-2, arXiv:2406.16858: calibrated confidence predicts acceptance).
+
+    The gate estimates, per drafted token, the chance the target accepts it; the block is
+    cut when the estimated chance that every token so far survives falls below
+    ``min_survival``, or at ``max_length``. A :class:`~tandemspec.edge.decoder.DraftPolicy`.
+    """
+
+    def __init__(self, gate: OnnxGate, min_survival: float, max_length: int) -> None:
+        if not 0.0 <= min_survival <= 1.0:
+            raise ValueError(f"min_survival must be in [0, 1], got {min_survival}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.gate = gate
+        self.min_survival = min_survival
+        self.max_length = max_length
+        self._survival = 1.0
+
+    def keep_drafting(self, index: int, logits: np.ndarray, hidden: np.ndarray) -> bool:
+        """``index`` tokens drafted in this block; ``logits``/``hidden`` produced the last of them."""
+        if index == 1:  # a new block
+            self._survival = 1.0
+        features = token_features(logits[None], hidden[None], np.array([index - 1]))  # [1, feature_dim]
+        self._survival *= float(self.gate.predict(features)[0])
+        return index < self.max_length and self._survival >= self.min_survival

@@ -18,9 +18,10 @@ from typing import Any
 from tandemspec.config import load_config
 from tandemspec.edge.bundle import Bundle, default_bundle_dir, load_bundle
 from tandemspec.edge.client import ClientConfig, VerifierClient
-from tandemspec.edge.decoder import DecoderConfig, HybridDecoder
+from tandemspec.edge.decoder import DecoderConfig, DraftPolicy, HybridDecoder
 from tandemspec.edge.devicelog import DEFAULT_MAX_ROWS, DeviceLog
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
+from tandemspec.edge.gate import OnnxGate, SurvivalDraftLength
 from tandemspec.edge.tokenizer import EdgeTokenizer
 from tandemspec.types import DecodeMode
 
@@ -36,7 +37,11 @@ class EdgeConfig:
     auth_token_file: Path | None = None
     tls_ca: Path | None = None
     mode: DecodeMode = "lossless"
-    draft_length: int = 4
+    draft_length: int = 4  # fixed length, or the cap when the gate sets the length
+    # Dynamic draft length: cut a block when the gate's estimated chance that it all
+    # survives verification drops below this (None = fixed ``draft_length``).
+    min_survival: float | None = None
+    gate: Path | None = None  # gate.onnx (default: the bundle's gate)
     pipeline: bool = True
     max_support: int = 32
     return_top_k: int = 0
@@ -62,8 +67,11 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     """Build the config from ``--config``, the environment and the flags that were given."""
     flags: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "log_db", "host", "port")
-    }
+        for name in (
+            "cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "min_survival", "gate",
+            "log_db", "host", "port",
+        )
+    }  # fmt: skip
     if getattr(args, "no_pipeline", False):
         flags["pipeline"] = False
     return load_config(EdgeConfig, "edge", file=getattr(args, "config", None), flags=flags)
@@ -87,7 +95,9 @@ class EdgeRuntime:
             return_top_k=config.return_top_k,
             client_id=config.client_id,
         )
-        self.decoder = HybridDecoder(self.drafter, self.tokenizer, self.client, decoder_config, self.log)
+        self.decoder = HybridDecoder(
+            self.drafter, self.tokenizer, self.client, decoder_config, self.log, _draft_policy(config, self.bundle)
+        )
 
     def close(self) -> None:
         if self.client is not None:
@@ -100,6 +110,16 @@ class EdgeRuntime:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _draft_policy(config: EdgeConfig, bundle: Bundle) -> DraftPolicy | None:
+    """The gate-driven draft length when ``min_survival`` is set, else None (fixed length)."""
+    if config.min_survival is None:
+        return None
+    gate_path = config.gate or bundle.gate_path
+    if gate_path is None or not Path(gate_path).is_file():
+        raise ValueError("a dynamic draft length (min_survival) needs a gate: pass --gate or use a bundle with one")
+    return SurvivalDraftLength(OnnxGate(Path(gate_path)), config.min_survival, config.draft_length)
 
 
 def _client_config(config: EdgeConfig) -> ClientConfig:

@@ -323,6 +323,9 @@ def export_bundle(config: ExportConfig) -> tuple[BundleManifest, ParityReport]:
         shutil.copy(drafter_dir / TOKENIZER_NAME, staging / TOKENIZER_NAME)
         if config.gate_path is not None:
             shutil.copy(config.gate_path, staging / GATE_NAME)
+            report_path = Path(config.gate_path).with_name("gate.json")  # its version and held-out report
+            if report_path.is_file():
+                shutil.copy(report_path, staging / report_path.name)
         names = sorted(p.name for p in staging.iterdir() if p.is_file())
         manifest = replace(manifest, files=hash_files(staging, names))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")

@@ -39,15 +39,13 @@ def start_cloud() -> tuple[subprocess.Popen[str], str]:
     return process, line.split()[-1]
 
 
-def run_generate(address: str, max_new_tokens: int, pipeline: bool) -> list[dict[str, float]]:
+def run_generate(address: str, max_new_tokens: int, extra: list[str]) -> list[dict[str, float]]:
     """Per-prompt stats of one ``tandem edge generate`` run over the bench prompts."""
     command = [
         sys.executable, "-m", "tandemspec.cli", "edge", "generate", "--cloud", address,
         "--bundle", str(PAIR / "edge"), "--prompts-file", str(PROMPTS),
-        "--max-new-tokens", str(max_new_tokens), "--json",
+        "--max-new-tokens", str(max_new_tokens), "--json", *extra,
     ]  # fmt: skip
-    if not pipeline:
-        command.append("--no-pipeline")
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return [json.loads(line)["stats"] for line in output.splitlines() if line.strip()]
 
@@ -95,17 +93,49 @@ def drafter_ms_per_token(num_tokens: int = 128) -> dict[str, float]:
     return {"onnxruntime_ms_per_token": onnx_ms, "torch_ms_per_token": torch_ms, "threads": torch.get_num_threads()}
 
 
+DRAFT_SETTINGS: dict[str, list[str]] = {
+    **{f"fixed k={k}": ["--draft-length", str(k)] for k in (2, 3, 4, 5, 6)},
+    **{f"gate, survival >= {p} (cap 8)": ["--draft-length", "8", "--min-survival", str(p)] for p in (0.3, 0.5, 0.7)},
+}
+
+
+def compare_draft_lengths(max_new_tokens: int, repeats: int) -> None:
+    """Fixed draft lengths against the gate-driven one, interleaved in one run (pipelining off)."""
+    process, address = start_cloud()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in DRAFT_SETTINGS}
+    try:
+        for _ in range(repeats):
+            for name, extra in DRAFT_SETTINGS.items():
+                runs[name] += run_generate(address, max_new_tokens, [*extra, "--no-pipeline"])
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    print(f"Reference pair with its bundled gate, {len(PROMPTS.read_text().splitlines())} held-out prompts x "
+          f"{repeats}, {max_new_tokens} new tokens, greedy lossless, pipelining off, loopback.\n")  # fmt: skip
+    print("| draft length | mean accepted length | target passes/token | ms/token |\n| --- | ---: | ---: | ---: |")
+    for name, stats in runs.items():
+        row = summarise(stats)
+        print(
+            f"| {name} | {row['mean_accepted_length']:.3f} | {row['target_passes_per_token']:.3f} | "
+            f"{row['ms_per_token']:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--draft-lengths", action="store_true", help="instead: fixed draft lengths vs the gate's")
     args = parser.parse_args()
+    if args.draft_lengths:
+        compare_draft_lengths(args.max_new_tokens, args.repeats)
+        return
     process, address = start_cloud()
     runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
     try:
         for _ in range(args.repeats):
             for pipeline in (False, True):  # interleaved, so drift hits both alike
-                runs[pipeline] += run_generate(address, args.max_new_tokens, pipeline)
+                runs[pipeline] += run_generate(address, args.max_new_tokens, [] if pipeline else ["--no-pipeline"])
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -53,14 +53,24 @@ def _edge_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draft-length", type=int, help="draft tokens per frame (default: 4)")
+    parser.add_argument("--draft-length", type=int, help="draft tokens per frame, or the cap with --min-survival (4)")
     parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
+    _dynamic_draft_args(parser)
     gate = parser.add_mutually_exclusive_group()
     gate.add_argument("--gate-quality", type=float, help="gated mode: quality floor in [0, 1]")
     gate.add_argument("--gate-lambda", type=float, help="gated mode: cost weight of a cloud call")
     gate.add_argument("--gate-threshold", type=float, help="gated mode: raw trust threshold")
     parser.add_argument("--log-db", type=Path, help="device log (SQLite) to record verified tokens in")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+
+
+def _dynamic_draft_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-survival",
+        type=float,
+        help="dynamic draft length: cut a block when the gate's chance that it all survives drops below this",
+    )
+    parser.add_argument("--gate", type=Path, help="gate.onnx for --min-survival (default: the bundle's gate)")
 
 
 def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +80,8 @@ def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode", choices=["lossless", "gated", "local", "cloud"], help="decoding mode (default: lossless)"
     )
-    parser.add_argument("--draft-length", type=int, help="draft tokens per frame (default: 4)")
+    parser.add_argument("--draft-length", type=int, help="draft tokens per frame, or the cap with --min-survival (4)")
+    _dynamic_draft_args(parser)
     parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
     parser.add_argument("--log-db", type=Path, help="device log (SQLite)")
 

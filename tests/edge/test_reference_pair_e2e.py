@@ -15,8 +15,10 @@ pytestmark = pytest.mark.skipif(not (PAIR / "edge" / "manifest.json").exists(), 
 NEW_TOKENS = 32
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_reference_lossless_greedy_is_target_greedy(pipeline: bool) -> None:
+@pytest.mark.parametrize(
+    "pipeline, min_survival", [(False, None), (True, None), (True, 0.5)], ids=["sync", "pipelined", "gate-length"]
+)
+def test_reference_lossless_greedy_is_target_greedy(pipeline: bool, min_survival: float | None) -> None:
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -27,7 +29,11 @@ def test_reference_lossless_greedy_is_target_greedy(pipeline: bool) -> None:
     prompts = load_prompts()[:2]  # held-out code the pair never trained on
     with (
         serve_in_thread(CloudConfig(model_dir=PAIR / "target", port=0)) as server,
-        EdgeRuntime(EdgeConfig(cloud=server.address, bundle=PAIR / "edge", pipeline=pipeline)) as runtime,
+        EdgeRuntime(
+            EdgeConfig(
+                cloud=server.address, bundle=PAIR / "edge", pipeline=pipeline, min_survival=min_survival, draft_length=6
+            )
+        ) as runtime,
     ):
         for text in prompts:
             prompt = runtime.tokenizer.encode_prompt(text)
