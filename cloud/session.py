@@ -12,6 +12,7 @@ against the session's own committed length.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from dataclasses import dataclass
@@ -71,16 +72,7 @@ def validate_open(message: SessionOpen, rules: SessionRules) -> SessionOpen:
     if message.return_top_k > limits.max_return_top_k:
         raise invalid(f"return_top_k {message.return_top_k} is over the limit {limits.max_return_top_k}")
     if message.max_new_tokens == 0:
-        return SessionOpen(
-            prompt_ids=message.prompt_ids,
-            sampling=message.sampling,
-            max_new_tokens=limits.max_new_tokens,
-            tokenizer_fingerprint=message.tokenizer_fingerprint,
-            kind=message.kind,
-            return_top_k=message.return_top_k,
-            stop_ids=message.stop_ids,
-            client_id=message.client_id,
-        )
+        return dataclasses.replace(message, max_new_tokens=limits.max_new_tokens)
     return message
 
 
