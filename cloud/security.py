@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,32 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return False
 
 
+_DENIAL = "missing or wrong bearer token (authorization metadata)"
+_FIRST_MESSAGE_WAIT_S = 1.0
+
+
 async def _deny(request: object, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIAL)
+
+
+async def _deny_stream(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> None:
+    """Refuse a client-streaming call after taking its first message.
+
+    A grpcio aio client whose write fails because the call already ended reports
+    INTERNAL instead of the server's status (grpc/grpc#36066). Edges write their
+    handshake first, so consuming it before aborting lets them see UNAUTHENTICATED.
+    """
+    with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration, grpc.RpcError):
+        await asyncio.wait_for(anext(aiter(requests)), _FIRST_MESSAGE_WAIT_S)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIAL)
 
 
 def _denying_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same streaming shape as ``handler`` that refuses the call."""
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_deny)
+        return grpc.stream_stream_rpc_method_handler(_deny_stream)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_deny)
+        return grpc.stream_unary_rpc_method_handler(_deny_stream)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(_deny)
     return grpc.unary_unary_rpc_method_handler(_deny)

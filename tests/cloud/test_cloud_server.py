@@ -98,7 +98,7 @@ def test_bearer_token(llama_target_dir: Path, fingerprint: str) -> None:
                 with contextlib.suppress(grpc.aio.AioRpcError):  # the call may fail before the write
                     await stream.send(open_message(PROMPT, fingerprint))
                 assert await stream.receive() is None
-                assert await stream.call.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert await stream.call.code() == grpc.StatusCode.UNAUTHENTICATED, await stream.call.details()
                 await _one_round(channel, fingerprint, (("authorization", f"Bearer {TOKEN}"),))
 
         asyncio.run(decode())
