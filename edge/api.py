@@ -57,7 +57,7 @@ class CompletionBody(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
-    mode: Literal["lossless", "local", "cloud"] | None = None  # extension: per-request decoding mode
+    mode: Literal["lossless", "gated", "local", "cloud"] | None = None  # extension: per-request decoding mode
 
 
 class ChatMessage(BaseModel):

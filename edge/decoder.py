@@ -13,7 +13,13 @@ Modes (DESIGN.md "Decoding modes"):
 ``cloud``
     The target generates every token (a ``GENERATE`` session).
 ``gated``
-    Reserved for the uncertainty gate (a :class:`DraftPolicy` that also commits tokens).
+    SPRINTER-style approximate verification (arXiv:2502.04557) with a :class:`TrustGate`:
+    each drafted token the gate trusts is emitted at once and later sent as *committed*
+    (the cloud feeds it and returns its label, never replaces it); the first token it
+    doubts - or the next token once ``gate_check_every`` tokens went by unchecked - starts
+    a block the cloud verifies as in ``lossless``. A gate that trusts nothing is lossless
+    decoding without pipelining; one that trusts everything (with no periodic check) is
+    local decoding that still sends its tokens for labels. Not pipelined.
 
 One step of the loop is ``draft -> send -> await verdict -> commit``; each is a small method
 of :class:`_Generation`, which holds one generation's state. The committed sequence
@@ -37,6 +43,7 @@ from tandemspec.edge.client import CloudRefused, CloudUnavailable, DecodeStream,
 from tandemspec.edge.devicelog import DeviceLog, RoundRecord, TokenRecord
 from tandemspec.edge.drafter import OnnxDrafter
 from tandemspec.edge.features import token_features
+from tandemspec.edge.gate import TrustGate
 from tandemspec.edge.proposal import draft_distribution, local_distribution
 from tandemspec.edge.stats import GenerationResult, StatsCounter
 from tandemspec.edge.tokenizer import EdgeTokenizer, TextTracker
@@ -45,6 +52,7 @@ from tandemspec.types import (
     DecodeMode,
     DraftFrame,
     GeneratedTokens,
+    Limits,
     SamplingParams,
     SessionClose,
     SessionDone,
@@ -70,6 +78,14 @@ class DecoderConfig:
     max_support: int = 32  # truncated-q support; capped by the verifier's limit
     return_top_k: int = 0  # ask the target for its top-k per token (logged for learning)
     client_id: str = ""
+    # gated mode: verify the next token once this many went by unchecked (0 = only when doubted)
+    gate_check_every: int = 16
+
+    def __post_init__(self) -> None:
+        if self.draft_length < 1 or self.max_support < 1:
+            raise ValueError("draft_length and max_support must be >= 1")
+        if self.gate_check_every < 0:
+            raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,7 @@ class HybridDecoder:
         config: DecoderConfig | None = None,
         log: DeviceLog | None = None,
         policy: DraftPolicy | None = None,
+        gate: TrustGate | None = None,
     ) -> None:
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -123,6 +140,7 @@ class HybridDecoder:
         self.config = config or DecoderConfig()
         self.log = log
         self.policy = policy or FixedLength(self.config.draft_length)
+        self.gate = gate  # gated mode's trust decision
 
     def generate(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> GenerationResult:
         """Produce one completion; never raises for a lost cloud (it falls back to ``local``)."""
@@ -130,8 +148,8 @@ class HybridDecoder:
             raise ValueError("the prompt must hold at least one token")
         if request.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if (request.mode or self.config.mode) == "gated":
-            raise ValueError("gated mode needs the uncertainty gate (a DraftPolicy that commits); not available yet")
+        if (request.mode or self.config.mode) == "gated" and self.gate is None:
+            raise ValueError("gated mode needs a trust gate (the bundle's gate.onnx, or an entropy/top1 baseline)")
         if len(request.prompt_ids) >= self.drafter.capacity:
             raise ValueError(
                 f"prompt of {len(request.prompt_ids)} tokens leaves no room (capacity {self.drafter.capacity})"
@@ -144,7 +162,7 @@ class _SentFrame:
     """A draft frame in flight, with what the edge needs when its verdict comes back."""
 
     frame: DraftFrame
-    features: np.ndarray | None  # [k, feature_dim] when logging
+    features: np.ndarray | None  # [m + k, feature_dim] when logging: committed tokens, then drafts
     stale: bool = False
 
 
@@ -182,7 +200,7 @@ class _Generation:
         start = time.perf_counter()
         if self.request.max_new_tokens == 0:
             self.finish_reason = "length"
-        elif self.mode in ("lossless", "cloud"):
+        elif self.mode in ("lossless", "gated", "cloud"):
             self._run_cloud_mode()
         if self.finish_reason is None:
             self._run_local()
@@ -208,10 +226,11 @@ class _Generation:
             if self.mode == "cloud":
                 self._run_generate(info.limits.max_new_tokens)
             else:
-                limits = info.limits
-                self._run_verify(
-                    limits.max_draft_tokens, limits.max_support, limits.max_context_tokens, limits.max_new_tokens
-                )
+                stream = self._open_verify(info.limits)
+                if self.mode == "gated":
+                    self._run_gated(stream, info.limits.max_draft_tokens)
+                else:
+                    self._run_lossless(stream)
             self.stats.mode_used = self.mode
         except CloudUnavailable as error:
             if self.stream is not None:
@@ -274,17 +293,22 @@ class _Generation:
             else:
                 raise CloudRefused(None, f"unexpected {type(message).__name__} in a generate session")
 
-    def _run_verify(self, max_draft: int, max_support: int, max_context: int, cloud_max_new: int) -> None:
-        """Lossless speculative decoding, pipelined when configured."""
+    def _open_verify(self, limits: Limits) -> DecodeStream:
+        """Open a VERIFY session sized within the verifier's limits (lossless and gated)."""
         config = self.decoder.config
-        self.max_draft = max(1, min(config.draft_length, max_draft or config.draft_length))
-        self.max_support = max(1, min(config.max_support, max_support or config.max_support))
-        if max_context:
-            self.limit = min(self.limit, max_context - 1)  # the correction/bonus may add one more
+        self.max_draft = max(1, min(config.draft_length, limits.max_draft_tokens or config.draft_length))
+        self.max_support = max(1, min(config.max_support, limits.max_support or config.max_support))
+        if limits.max_context_tokens:
+            self.limit = min(self.limit, limits.max_context_tokens - 1)  # the correction/bonus may add one more
         wanted = self.limit - self.prompt_length + 1  # the last correction/bonus may pass the limit
+        cloud_max_new = limits.max_new_tokens
         stream = self._open(SessionKind.VERIFY, min(wanted, cloud_max_new) if cloud_max_new else wanted)
         self.epoch, self.seq = 0, 0
         self.in_flight: deque[_SentFrame] = deque()
+        return stream
+
+    def _run_lossless(self, stream: DecodeStream) -> None:
+        """Lossless speculative decoding, pipelined when configured."""
         self._sync_drafter(self.committed)
         while self.finish_reason is None:
             self._fill_pipeline()
@@ -318,11 +342,18 @@ class _Generation:
             is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.limit
             self._send(len(tip), block, expects_continuation=self.decoder.config.pipeline and not is_last)
 
-    def _draft(self, tip: list[int], max_tokens: int) -> _Block:
-        """Draft up to ``max_tokens`` tokens after ``tip`` (the drafter then lacks only the last)."""
+    def _draft(self, tip: list[int], max_tokens: int, first: tuple[np.ndarray, np.ndarray] | None = None) -> _Block:
+        """Draft up to ``max_tokens`` tokens after ``tip`` (the drafter then lacks only the last).
+
+        ``first``: the drafter's (logits, hidden) rows for the position after ``tip``, when
+        the caller already ran it (gated mode); else the drafter is extended here.
+        """
         start = time.perf_counter()
-        logits, hidden = self.drafter.extend(tip[self.drafter.length :])
-        logits_row, hidden_row = logits[-1], hidden[-1]
+        if first is None:
+            logits, hidden = self.drafter.extend(tip[self.drafter.length :])
+            logits_row, hidden_row = logits[-1], hidden[-1]
+        else:
+            logits_row, hidden_row = first
         ids: list[int] = []
         dists: list[SparseDist] = []
         rows: list[tuple[np.ndarray, np.ndarray]] = []
@@ -356,12 +387,21 @@ class _Generation:
         q = draft_distribution(logits, self.sampling, self.max_support)
         return sample(q, seeded_rng(self.sampling.seed, position, _DRAFT_STREAM)), q
 
-    def _send(self, position: int, block: _Block, expects_continuation: bool) -> None:
+    def _send(
+        self,
+        position: int,
+        block: _Block,
+        expects_continuation: bool,
+        committed_ids: tuple[int, ...] = (),
+        committed_features: np.ndarray | None = None,
+    ) -> None:
+        """Send a frame: ``committed_ids`` (gated mode's trusted tokens) from ``position``, then the block."""
         assert self.stream is not None
         frame = DraftFrame(
             seq=self.seq,
             epoch=self.epoch,
             position=position,
+            committed_ids=committed_ids,
             draft_ids=tuple(block.ids),
             draft_dists=tuple(block.dists),
             expects_continuation=expects_continuation,
@@ -369,7 +409,12 @@ class _Generation:
         self.seq += 1
         self.stream.send(frame)
         self.stats.num_cloud_frames += 1
-        self.in_flight.append(_SentFrame(frame=frame, features=block.features))
+        features = block.features
+        if committed_features is not None and features is not None:
+            features = np.concatenate([committed_features, features])
+        elif committed_features is not None:
+            features = committed_features
+        self.in_flight.append(_SentFrame(frame=frame, features=features))
 
     def _await_verdict(self, stream: DecodeStream) -> None:
         message = stream.recv()
@@ -386,9 +431,11 @@ class _Generation:
     def _commit(self, sent: _SentFrame, verdict: Verdict) -> None:
         """Apply an authoritative verdict: emit accepted tokens and the correction or bonus."""
         frame = sent.frame
-        if frame.position != len(self.committed):
+        if frame.position + len(frame.committed_ids) != len(self.committed):
             raise CloudRefused(
-                None, f"frame at {frame.position} judged while {len(self.committed)} tokens are committed"
+                None,
+                f"frame at {frame.position} (+{len(frame.committed_ids)} committed) judged while "
+                f"{len(self.committed)} tokens are committed",
             )
         accepted = list(frame.draft_ids[: verdict.num_accepted])
         new = accepted + ([verdict.next_token] if verdict.next_token is not None else [])
@@ -421,17 +468,17 @@ class _Generation:
         if log is None or sent.features is None:
             return
         frame = sent.frame
-        labels = verdict.labels[verdict.num_committed :]
-        top_k = verdict.target_top_k[verdict.num_committed :] if verdict.target_top_k else ()
+        num_committed = len(frame.committed_ids)
+        top_k = verdict.target_top_k or ()
         tokens = tuple(
             TokenRecord(
                 token_id=token,
-                committed=False,
+                committed=i < num_committed,
                 label=bool(label),
                 features=sent.features[i],
                 target_top_k=top_k[i] if i < len(top_k) else None,
             )
-            for i, (token, label) in enumerate(zip(frame.draft_ids, labels, strict=False))
+            for i, (token, label) in enumerate(zip(frame.committed_ids + frame.draft_ids, verdict.labels, strict=False))
         )
         log.record_round(
             RoundRecord(
@@ -444,6 +491,72 @@ class _Generation:
                 context_ids=tuple(self.committed) if top_k else None,
             )
         )
+
+    # -- gated: trust or doubt each drafted token ---------------------------------------
+
+    def _run_gated(self, stream: DecodeStream, max_frame_tokens: int) -> None:
+        """Emit what the gate trusts; have the cloud verify from the first token it doubts."""
+        gate = self.decoder.gate
+        assert gate is not None
+        every = self.decoder.config.gate_check_every
+        # Trusted tokens ride along as committed ids; a frame carries at most this many.
+        self.max_committed = max(1, max_frame_tokens or 32)
+        self.cloud_length = len(self.committed)  # tokens the cloud holds (or will, once its frame is judged)
+        self.checked_length = len(self.committed)  # end of the last verified block
+        self.trusted_features: list[np.ndarray] = []  # of committed tokens not yet sent (when logging)
+        while self.finish_reason is None:
+            if len(self.committed) >= self.limit:
+                self.finish_reason = "length"
+                break
+            self._gated_round(stream, gate, every)
+
+    def _gated_round(self, stream: DecodeStream, gate: TrustGate, every: int) -> None:
+        """Trust tokens one by one until the gate doubts one or a check is due, then verify a block."""
+        self._sync_drafter(self.committed)
+        start = time.perf_counter()
+        logits, hidden = self.drafter.extend(self.committed[self.drafter.length :])
+        row, hidden_row = logits[-1], hidden[-1]
+        self.stats.draft_s += time.perf_counter() - start
+        while True:
+            unsent = len(self.committed) - self.cloud_length
+            if unsent >= self.max_committed:  # the frame limit: send the trusted tokens alone (labels only)
+                self._send_gated(stream, _Block(ids=[], dists=[], features=None, ends_with_eos=False), True)
+                return
+            since_check = len(self.committed) - self.checked_length
+            start = time.perf_counter()
+            features = gate.features(row, hidden_row, since_check)
+            trusted = not (every and since_check >= every) and gate.trusts(features)
+            self.stats.gate_s += time.perf_counter() - start
+            if not trusted:
+                break
+            start = time.perf_counter()
+            token = self._pick_local(row, len(self.committed))
+            self.stats.draft_s += time.perf_counter() - start
+            if self.decoder.log is not None:
+                self.trusted_features.append(features[0])
+            self.stats.num_trusted += 1
+            self._emit([token])
+            if self.finish_reason is not None or len(self.committed) >= self.limit:
+                return  # the generation ended on trusted tokens; they are never sent
+            start = time.perf_counter()
+            logits, hidden = self.drafter.extend([token])
+            row, hidden_row = logits[-1], hidden[-1]
+            self.stats.draft_s += time.perf_counter() - start
+        room = self.limit - len(self.committed)
+        block = self._draft(self.committed, min(self.max_draft, room), first=(row, hidden_row))
+        self._send_gated(stream, block, expects_continuation=False)  # not pipelined: the verdict brings the bonus
+
+    def _send_gated(self, stream: DecodeStream, block: _Block, expects_continuation: bool) -> None:
+        """Send the unsent trusted tokens as committed plus ``block``, and apply the verdict."""
+        committed_ids = tuple(self.committed[self.cloud_length :])
+        committed_features = np.stack(self.trusted_features) if self.trusted_features else None
+        self._send(self.cloud_length, block, expects_continuation, committed_ids, committed_features)
+        self.trusted_features = []
+        self.cloud_length = len(self.committed)
+        self._await_verdict(stream)
+        if block.ids:
+            self.checked_length = len(self.committed)
+        self.cloud_length = len(self.committed)
 
     # -- local --------------------------------------------------------------------------
 

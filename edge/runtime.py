@@ -21,7 +21,7 @@ from tandemspec.edge.client import ClientConfig, VerifierClient
 from tandemspec.edge.decoder import DecoderConfig, DraftPolicy, HybridDecoder
 from tandemspec.edge.devicelog import DEFAULT_MAX_ROWS, DeviceLog
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
-from tandemspec.edge.gate import OnnxGate, SurvivalDraftLength
+from tandemspec.edge.gate import GateChoice, GateKind, OnnxGate, SurvivalDraftLength, TrustGate
 from tandemspec.edge.tokenizer import EdgeTokenizer
 from tandemspec.types import DecodeMode
 
@@ -41,7 +41,14 @@ class EdgeConfig:
     # Dynamic draft length: cut a block when the gate's estimated chance that it all
     # survives verification drops below this (None = fixed ``draft_length``).
     min_survival: float | None = None
-    gate: Path | None = None  # gate.onnx (default: the bundle's gate)
+    gate: Path | None = None  # gate.onnx (default: the bundle's gate); its gate.json sits beside it
+    # gated mode: which score decides trust, and its operating point (at most one of the three;
+    # none = the default quality floor, see GateChoice)
+    gate_kind: GateKind = "learned"
+    gate_quality: float | None = None
+    gate_lambda: float | None = None
+    gate_threshold: float | None = None
+    gate_check_every: int = 16  # verify at least every N tokens (0 = only doubted tokens)
     pipeline: bool = True
     max_support: int = 32
     return_top_k: int = 0
@@ -59,8 +66,12 @@ class EdgeConfig:
             raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
         if self.max_support < 1:
             raise ValueError(f"max_support must be >= 1, got {self.max_support}")
-        if self.mode == "gated":
-            raise ValueError("gated mode needs the uncertainty gate, which this edge does not have yet")
+        if self.gate_check_every < 0:
+            raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
+        self.gate_choice()  # checks the kind and that at most one operating point is given
+
+    def gate_choice(self) -> GateChoice:
+        return GateChoice(self.gate_kind, self.gate_quality, self.gate_lambda, self.gate_threshold)
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
@@ -69,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         name: getattr(args, name, None)
         for name in (
             "cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "min_survival", "gate",
-            "log_db", "host", "port",
+            "gate_kind", "gate_quality", "gate_lambda", "gate_threshold", "gate_check_every", "log_db", "host", "port",
         )
     }  # fmt: skip
     if getattr(args, "no_pipeline", False):
@@ -94,9 +105,16 @@ class EdgeRuntime:
             max_support=config.max_support,
             return_top_k=config.return_top_k,
             client_id=config.client_id,
+            gate_check_every=config.gate_check_every,
         )
         self.decoder = HybridDecoder(
-            self.drafter, self.tokenizer, self.client, decoder_config, self.log, _draft_policy(config, self.bundle)
+            self.drafter,
+            self.tokenizer,
+            self.client,
+            decoder_config,
+            self.log,
+            _draft_policy(config, self.bundle),
+            _trust_gate(config, self.bundle),
         )
 
     def close(self) -> None:
@@ -120,6 +138,22 @@ def _draft_policy(config: EdgeConfig, bundle: Bundle) -> DraftPolicy | None:
     if gate_path is None or not Path(gate_path).is_file():
         raise ValueError("a dynamic draft length (min_survival) needs a gate: pass --gate or use a bundle with one")
     return SurvivalDraftLength(OnnxGate(Path(gate_path)), config.min_survival, config.draft_length)
+
+
+def _trust_gate(config: EdgeConfig, bundle: Bundle) -> TrustGate | None:
+    """The gated mode's trust gate: required in gated mode, loaded when possible otherwise.
+
+    Outside gated mode it is built on a best-effort basis, so a request of the local API
+    may still ask for ``gated``; a bundle without a gate then just cannot serve such requests.
+    """
+    gate_path = config.gate or bundle.gate_path
+    try:
+        return TrustGate.from_choice(config.gate_choice(), Path(gate_path) if gate_path else None)
+    except ValueError as error:
+        if config.mode == "gated":
+            raise ValueError(f"gated mode: {error}") from error
+        logger.debug("no trust gate: %s", error)
+        return None
 
 
 def _client_config(config: EdgeConfig) -> ClientConfig:

@@ -32,12 +32,14 @@ class GenerationStats:
     num_cloud_frames: int  # edge frames sent (handshake and close excluded)
     num_stale_frames: int  # pipelined frames discarded after a rejection
     num_local_tokens: int  # tokens the drafter emitted without verification
+    num_trusted: int  # gated mode: tokens emitted on the gate's trust (sent to the cloud as committed)
     cloud_calls_per_token: float
     bytes_up: int  # serialized edge->cloud frames, handshake included
     bytes_down: int  # serialized cloud->edge frames
     bytes_up_per_token: float
     bytes_down_per_token: float
     draft_s: float  # drafter time (ONNX Runtime + sampling)
+    gate_s: float  # gated mode: the trust gate's time (features + score)
     network_wait_s: float  # time blocked waiting for the cloud (includes its compute)
     verify_compute_s: float  # the target's compute time, as the verdicts report it
     prefill_ms: float  # the cloud's prompt prefill
@@ -64,9 +66,11 @@ class StatsCounter:
         self.num_cloud_frames = 0
         self.num_stale_frames = 0
         self.num_local_tokens = 0
+        self.num_trusted = 0
         self.bytes_up = 0
         self.bytes_down = 0
         self.draft_s = 0.0
+        self.gate_s = 0.0
         self.network_wait_s = 0.0
         self.verify_compute_s = 0.0
         self.prefill_ms = 0.0
@@ -105,12 +109,14 @@ class StatsCounter:
             num_cloud_frames=self.num_cloud_frames,
             num_stale_frames=self.num_stale_frames,
             num_local_tokens=self.num_local_tokens,
+            num_trusted=self.num_trusted,
             cloud_calls_per_token=self.num_cloud_frames / per_token,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             bytes_up_per_token=self.bytes_up / per_token,
             bytes_down_per_token=self.bytes_down / per_token,
             draft_s=self.draft_s,
+            gate_s=self.gate_s,
             network_wait_s=self.network_wait_s,
             verify_compute_s=self.verify_compute_s,
             prefill_ms=self.prefill_ms,

@@ -22,6 +22,7 @@ negative entropy (U-HLM / FedHLM).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -33,15 +34,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tandemspec.edge.bundle import GATE_NAME
+from tandemspec.edge.bundle import GATE_NAME, MANIFEST_NAME, hash_files, load_bundle
 from tandemspec.edge.devicelog import DeviceLog
 from tandemspec.edge.features import NUM_SCALAR_FEATURES, SCALAR_FEATURES
-from tandemspec.edge.gate import INPUT_NAME, OUTPUT_NAME
+from tandemspec.edge.gate import (
+    GATE_JSON_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    GateKind,
+    OperatingPoint,
+    curve_to_json,
+    operating_curve,
+    trust_scores,
+)
 
 logger = logging.getLogger(__name__)
 
 GATE_ONNX_NAME = GATE_NAME
-GATE_JSON_NAME = "gate.json"
 GATE_FORMAT_VERSION = 1
 ONNX_OPSET = 18
 NUM_BINS = 10
@@ -304,6 +313,8 @@ class GateTrainResult:
     num_holdout: int
     candidates: dict[str, float]  # validation log-loss per candidate (a group split of train)
     reports: tuple[ScoreReport, ...]  # gate first, then the baselines
+    curves: dict[GateKind, list[OperatingPoint]]  # held-out operating curves: learned, entropy, top1
+    max_position: int  # the largest block position in the training rows
 
 
 def split_indices(groups: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -353,11 +364,18 @@ def train_gate(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, con
     entropy = SCALAR_FEATURES.index("entropy")
     baselines = {"drafter top-1 prob": x_train[:, top1], "drafter -entropy": -x_train[:, entropy]}
     held_scores = {"drafter top-1 prob": x_held[:, top1], "drafter -entropy": -x_held[:, entropy]}
-    reports = [score_report(f"gate ({best})", forward(model, x_held), y_held)]
+    p_held = forward(model, x_held)
+    reports = [score_report(f"gate ({best})", p_held, y_held)]
     for name, scores in baselines.items():
         calibration = platt_baseline(scores, y_train, config)
         reports.append(score_report(name, forward(calibration, held_scores[name].reshape(-1, 1)), y_held))
-    return GateTrainResult(model, len(train), len(held), losses, tuple(reports))
+    curves: dict[GateKind, list[OperatingPoint]] = {
+        "learned": operating_curve("learned", p_held, y_held),
+        "entropy": operating_curve("entropy", trust_scores("entropy", x_held), y_held),
+        "top1": operating_curve("top1", trust_scores("top1", x_held), y_held),
+    }
+    max_position = int(x_train[:, SCALAR_FEATURES.index("position")].max())
+    return GateTrainResult(model, len(train), len(held), losses, tuple(reports), curves, max_position)
 
 
 def read_log(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -411,16 +429,27 @@ def gate_metadata(result: GateTrainResult) -> dict[str, object]:
         "num_holdout": result.num_holdout,
         "candidate_validation_log_loss": result.candidates,
         "holdout": {r.name: _report_json(r) for r in result.reports},
+        "max_position": result.max_position,
+        "operating_curves": {kind: curve_to_json(curve) for kind, curve in result.curves.items()},
     }
 
 
 def write_gate(result: GateTrainResult, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``gate.onnx`` and ``gate.json`` into ``out_dir``."""
+    """Write ``gate.onnx`` and ``gate.json`` into ``out_dir``; in an edge bundle, list them in its manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path, json_path = out_dir / GATE_ONNX_NAME, out_dir / GATE_JSON_NAME
     onnx.save(to_onnx(result.model), str(onnx_path))
     json_path.write_text(json.dumps(gate_metadata(result), indent=2) + "\n")
+    if (out_dir / MANIFEST_NAME).is_file():
+        _list_in_manifest(out_dir, (GATE_ONNX_NAME, GATE_JSON_NAME))
     return onnx_path, json_path
+
+
+def _list_in_manifest(bundle_dir: Path, names: tuple[str, ...]) -> None:
+    """Add (or re-hash) ``names`` in a bundle's manifest, so the edge loads and verifies them."""
+    manifest = load_bundle(bundle_dir, verify_hashes=False).manifest
+    files = {**manifest.files, **hash_files(bundle_dir, list(names))}
+    (bundle_dir / MANIFEST_NAME).write_text(dataclasses.replace(manifest, files=files).to_json(), encoding="utf-8")
 
 
 def format_report(result: GateTrainResult) -> str:
@@ -431,6 +460,14 @@ def format_report(result: GateTrainResult) -> str:
         f"{'score':<22} {'AUC':>7} {'log-loss':>9}",
     ]
     lines += [f"{r.name:<22} {r.auc:>7.4f} {r.log_loss:>9.4f}" for r in result.reports]
+    lines.append("\nheld-out operating points: share of tokens trusted at a given share of rejections caught")
+    lines.append(f"{'caught':>7} " + " ".join(f"{kind:>8}" for kind in result.curves))
+    for floor in (0.5, 0.7, 0.8, 0.9, 0.95):
+        cells = []
+        for curve in result.curves.values():
+            meeting = [p.trust_rate for p in curve if p.rejections_caught >= floor]
+            cells.append(f"{max(meeting):>8.3f}" if meeting else f"{'-':>8}")
+        lines.append(f"{floor:>7.2f} " + " ".join(cells))
     for report in result.reports:
         lines.append(f"\nreliability: {report.name}\n{'bin':<11} {'predicted':>9} {'observed':>9} {'count':>7}")
         for b in report.reliability:

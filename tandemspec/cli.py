@@ -56,12 +56,37 @@ def _edge_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-length", type=int, help="draft tokens per frame, or the cap with --min-survival (4)")
     parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
     _dynamic_draft_args(parser)
-    gate = parser.add_mutually_exclusive_group()
-    gate.add_argument("--gate-quality", type=float, help="gated mode: quality floor in [0, 1]")
-    gate.add_argument("--gate-lambda", type=float, help="gated mode: cost weight of a cloud call")
-    gate.add_argument("--gate-threshold", type=float, help="gated mode: raw trust threshold")
+    _gated_args(parser)
     parser.add_argument("--log-db", type=Path, help="device log (SQLite) to record verified tokens in")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+
+
+def _gated_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gate-kind",
+        choices=["learned", "entropy", "top1"],
+        help="gated mode: the score that decides trust - the learned gate (default) or a baseline: "
+        "drafter entropy (U-HLM/FedHLM) or drafter top-1 probability",
+    )
+    point = parser.add_mutually_exclusive_group()
+    point.add_argument(
+        "--gate-quality",
+        type=float,
+        help="gated mode: quality floor in [0, 1], the share of would-be-rejected tokens the gate must catch "
+        "on held-out logs (default 0.9)",
+    )
+    point.add_argument(
+        "--gate-lambda", type=float, help="gated mode: cost weight λ of a cloud check (minimise missed + λ·checks)"
+    )
+    point.add_argument(
+        "--gate-threshold",
+        type=float,
+        help="gated mode: raw threshold on the score's own scale (p_accept; top-1 prob; entropy in nats, "
+        "trusted at or below)",
+    )
+    parser.add_argument(
+        "--gate-check-every", type=int, help="gated mode: verify at least every N tokens (0 = only doubted; 16)"
+    )
 
 
 def _dynamic_draft_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +107,7 @@ def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--draft-length", type=int, help="draft tokens per frame, or the cap with --min-survival (4)")
     _dynamic_draft_args(parser)
+    _gated_args(parser)
     parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
     parser.add_argument("--log-db", type=Path, help="device log (SQLite)")
 
@@ -127,7 +153,20 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtt-ms", help="round-trip delays to emulate (default 0,20,80; quick 0,40)")
     parser.add_argument("--concurrency", help="numbers of concurrent edges (default 1,4,16; quick 1,4)")
     parser.add_argument(
-        "--modes", help="comma-separated subset of cloud,local,lossless-sync,lossless (gated: not built yet)"
+        "--modes",
+        help="comma-separated subset of cloud,local,lossless-sync,lossless,gated (default: all; gated runs one "
+        "operating point per gate kind and quality floor)",
+    )
+    parser.add_argument(
+        "--gate-kinds", help="gated: comma-separated trust scores among learned,entropy,top1 (default: all three)"
+    )
+    parser.add_argument(
+        "--gate-qualities",
+        help="gated: comma-separated quality floors, the share of would-be-rejected tokens each point must catch "
+        "on held-out logs (default 0.5,0.7,0.8,0.9,0.95; quick 0.7,0.9)",
+    )
+    parser.add_argument(
+        "--gate-check-every", type=int, help="gated: verify at least every N tokens (0 = only doubted ones; 16)"
     )
     parser.add_argument("--max-new-tokens", type=int, help="tokens per completion (default 64; quick 32)")
     parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
@@ -162,6 +201,16 @@ def _gate_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
 
 
+def _gate_collect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", type=Path, required=True, help="device log (SQLite) to write")
+    parser.add_argument("--pair", type=Path, help="folder with target/ and edge/ (default: the bundled reference pair)")
+    parser.add_argument("--num-prompts", type=int, default=1000, help="def prefixes from the training split")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--draft-length", type=int, default=8, help="fixed draft length of the lossless runs")
+    parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
+    parser.add_argument("--return-top-k", type=int, default=0, help="also log the target's top-k per token")
+
+
 VERBS: tuple[Verb, ...] = (
     Verb(
         ("edge", "serve"),
@@ -187,6 +236,12 @@ VERBS: tuple[Verb, ...] = (
         "train the uncertainty gate centrally from a device log",
         _gate_train_args,
         "tandemspec.federated.gate:train_main",
+    ),
+    Verb(
+        ("gate", "collect"),
+        "log a model pair's verified tokens over its training corpus (gate training data)",
+        _gate_collect_args,
+        "tandemspec.federated.collect:collect_main",
     ),
     Verb(
         ("export",),

@@ -19,10 +19,11 @@ from tandemspec.bench.prompts import PROMPTS_FILE, load_prompts
 from tandemspec.bench.report import machine_info, package_versions, write_json, write_markdown, write_plots
 from tandemspec.bench.runner import (
     BASELINE_MODE,
-    MODES,
     BenchConfig,
+    ModePlan,
     Progress,
     PromptRun,
+    plan_modes,
     run_load,
     run_modes,
 )
@@ -41,15 +42,16 @@ class RunSizes:
     rtts_ms: tuple[float, ...]
     concurrency: tuple[int, ...]
     num_assisted_prompts: int
+    gate_qualities: tuple[float, ...]  # quality floors of the gated operating points
 
 
-FULL = RunSizes(None, 64, (0.0, 20.0, 80.0), (1, 4, 16), 4)
-QUICK = RunSizes(6, 32, (0.0, 40.0), (1, 4), 2)
+FULL = RunSizes(None, 64, (0.0, 20.0, 80.0), (1, 4, 16), 4, BenchConfig.gate_qualities)
+QUICK = RunSizes(6, 32, (0.0, 40.0), (1, 4), 2, (0.7, 0.9))
 
 
-def parse_list(text: str, kind: type[float] | type[int]) -> tuple[Any, ...]:
-    """``"0,20,80"`` -> ``(0.0, 20.0, 80.0)`` (or ints)."""
-    return tuple(kind(part) for part in text.split(",") if part.strip())
+def parse_list(text: str, kind: type[float] | type[int] | type[str]) -> tuple[Any, ...]:
+    """``"0,20,80"`` -> ``(0.0, 20.0, 80.0)`` (or ints, or stripped strings)."""
+    return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
 
 
 def pair_dirs(pair: str) -> tuple[Path, Path, Path]:
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     prompts = load_prompts(args.prompts or PROMPTS_FILE)
     if sizes.num_prompts is not None:
         prompts = prompts[: sizes.num_prompts]
-    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else BenchConfig.modes
+    modes = parse_list(args.modes, str) if args.modes else BenchConfig.modes
     return BenchConfig(
         target_dir=target,
         drafter_dir=drafter,
@@ -80,6 +82,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         concurrency=parse_list(args.concurrency, int) if args.concurrency else sizes.concurrency,
         max_new_tokens=args.max_new_tokens or sizes.max_new_tokens,
         num_assisted_prompts=sizes.num_assisted_prompts,
+        gate_kinds=parse_list(args.gate_kinds, str) if args.gate_kinds else BenchConfig.gate_kinds,
+        gate_qualities=parse_list(args.gate_qualities, float) if args.gate_qualities else sizes.gate_qualities,
+        gate_check_every=BenchConfig.gate_check_every if args.gate_check_every is None else args.gate_check_every,
     )
 
 
@@ -88,7 +93,7 @@ def stderr_progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def measure(config: BenchConfig, progress: Progress) -> tuple[list[PromptRun], list[dict[str, Any]]]:
+def measure(config: BenchConfig, progress: Progress) -> tuple[ModePlan, list[PromptRun], list[dict[str, Any]]]:
     """The timed part: a verifier and a link in-process, every mode, then the load test."""
     from tandemspec.cloud.config import CloudConfig
     from tandemspec.cloud.server import serve_in_thread
@@ -96,15 +101,20 @@ def measure(config: BenchConfig, progress: Progress) -> tuple[list[PromptRun], l
     bundle = load_bundle(config.bundle_dir)
     tokenizer = EdgeTokenizer.from_bundle(bundle)
     encoded = [tokenizer.encode_prompt(prompt) for prompt in config.prompts]
+    plan = plan_modes(config, bundle.gate_path)
+    for name, reason in plan.skipped.items():
+        progress(f"skipping {name}: {reason}")
+    if plan.gated_points:
+        progress(f"{len(plan.gated_points)} gated operating points")
     progress(f"starting a verifier for {config.target_dir}")
     with serve_in_thread(CloudConfig(model_dir=config.target_dir, port=0)) as server:
         link = run_in_thread(server.host, server.port, LinkConfig(rtt_ms=config.rtts_ms[0]))
         try:
-            runs = run_modes(config, server, link, encoded, progress)
+            runs = run_modes(config, plan, server, link, encoded, progress)
             load = [dataclasses.asdict(r) for r in run_load(config, server, link, encoded, progress)]
         finally:
             link.stop()
-    return runs, load
+    return plan, runs, load
 
 
 def score(config: BenchConfig, runs: Sequence[PromptRun], progress: Progress) -> tuple[dict[Any, Any], Any]:
@@ -129,9 +139,10 @@ def run_bench(config: BenchConfig, out: Path, command: str, progress: Progress =
     """Run, score and write ``results.json``, ``results.md`` and the plots into ``out``."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    runs, load = measure(config, progress)
+    plan, runs, load = measure(config, progress)
     nll, assisted = score(config, runs, progress)
     figures = mode_figures(runs, nll)
+    gated_points = [dataclasses.asdict(point) for point in plan.gated_points]
     config_dict = dataclasses.asdict(config) | {"num_prompts": len(config.prompts)}
     config_dict.pop("prompts")
     results: dict[str, Any] = {
@@ -140,10 +151,11 @@ def run_bench(config: BenchConfig, out: Path, command: str, progress: Progress =
         "machine": machine_info(),
         "versions": package_versions(),
         "modes": list(figures),
-        "skipped_modes": {m.name: m.unavailable for m in MODES if m.unavailable},
+        "skipped_modes": plan.skipped,
+        "gated_points": gated_points,
         "rtts_ms": [f"{r:g}" for r in config.rtts_ms],
         "figures": figures,
-        "headline": headline(figures, load),
+        "headline": headline(figures, load, gated_points),
         "load": load,
         "assisted_reference": assisted,
         "wall_s": time.perf_counter() - started,

@@ -2,7 +2,8 @@
 
 Per mode and RTT: exact-match rate against the cloud-only greedy output, quality
 recovered, target passes and cloud seconds per token, mean accepted length, wire cost per
-token, TTFT and TPOT percentiles, single-edge tokens/s. Token-weighted ratios pool all
+token, TTFT and TPOT percentiles, single-edge tokens/s, and for gated operating points the
+trust rate (share of tokens emitted on the gate's trust; None for the other modes). Token-weighted ratios pool all
 prompts (total cost / total tokens), so long and short completions count by their size.
 """
 
@@ -36,7 +37,9 @@ FIGURE_NAMES = (
     "tpot_ms_p95",
     "tokens_per_s",
     "num_fell_back",
+    "trust_rate",
 )
+QUALITY_AIM = 0.9  # the headline's gated figure: cheapest point recovering at least this much quality
 
 
 def percentile_ms(values_s: Sequence[float], q: float) -> float:
@@ -71,6 +74,7 @@ def cost_figures(runs: Sequence[PromptRun]) -> dict[str, float | None]:
     """Per-token cost and latency figures of one mode at one RTT (accepted length: None without rounds)."""
     stats = [r.stats for r in runs]
     tokens = max(sum(s["num_generated"] for s in stats), 1)
+    gated = any(s["mode_requested"] == "gated" for s in stats)
     rounds = sum(s["num_rounds"] for s in stats)
     verified = sum(s["mean_accepted_length"] * s["num_rounds"] for s in stats)
     wall_s = sum(s["wall_s"] for s in stats)
@@ -90,6 +94,7 @@ def cost_figures(runs: Sequence[PromptRun]) -> dict[str, float | None]:
         "tpot_ms_p95": percentile_ms([r.tpot_s for r in runs], 95),
         "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "num_fell_back": sum(bool(s["fell_back_to_local"]) for s in stats),
+        "trust_rate": sum(s["num_trusted"] for s in stats) / tokens if gated else None,
     }
 
 
@@ -120,9 +125,12 @@ def continuations(runs: Sequence[PromptRun]) -> list[Continuation]:
 
 
 def headline(
-    figures: Mapping[str, Mapping[str, Mapping[str, Any]]], load: Sequence[Mapping[str, Any]]
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    load: Sequence[Mapping[str, Any]],
+    gated_points: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Ratios against the cloud-only baseline at each RTT, and throughput at the highest concurrency."""
+    """Ratios against the cloud-only baseline at each RTT, throughput at the highest concurrency,
+    and per gate kind the cheapest operating point that recovers ``QUALITY_AIM`` of the quality."""
     ratios: dict[str, Any] = {}
     baseline = figures.get(BASELINE_MODE, {})
     for mode, by_rtt in figures.items():
@@ -143,7 +151,37 @@ def headline(
         if served.get(BASELINE_MODE)
         else {}
     )
-    return {"vs_cloud": ratios, "concurrency": top, "tokens_per_s": served, "tokens_per_s_vs_cloud": throughput}
+    return {
+        "vs_cloud": ratios,
+        "concurrency": top,
+        "tokens_per_s": served,
+        "tokens_per_s_vs_cloud": throughput,
+        "gated_quality_aim": QUALITY_AIM,
+        "gated_at_quality_aim": cheapest_at_quality(figures, gated_points, QUALITY_AIM),
+    }
+
+
+def cheapest_at_quality(
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]], gated_points: Sequence[Mapping[str, Any]], aim: float
+) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """``{kind: {rtt: point or None}}``: per gate kind and RTT, the operating point with the fewest
+    target passes/token among those whose quality recovered is at least ``aim`` (None if none is)."""
+    best: dict[str, dict[str, dict[str, Any] | None]] = {}
+    for point in gated_points:
+        by_rtt = best.setdefault(point["kind"], {})
+        for rtt, row in figures.get(point["mode"], {}).items():
+            current = by_rtt.setdefault(rtt, None)
+            quality = row["quality_recovered"]
+            if quality is None or quality < aim:
+                continue
+            if current is None or row["target_passes_per_token"] < current["target_passes_per_token"]:
+                by_rtt[rtt] = {
+                    "mode": point["mode"],
+                    "quality": point["quality"],
+                    "target_passes_per_token": row["target_passes_per_token"],
+                    "quality_recovered": quality,
+                }
+    return best
 
 
 def _bytes(row: Mapping[str, Any]) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.jsonl"
@@ -18,12 +19,22 @@ HELD_OUT_PACKAGE = "email"
 
 
 def make_prompts(num_prompts: int = 32, seed: int = 0, max_lines: int = 14, max_chars: int = 600) -> list[str]:
-    """Prefixes that end right after a ``def`` line's signature or inside a body, seeded."""
+    """The held-out bench prompts: ``def`` prefixes from ``email/``, seeded."""
     root = Path(sysconfig.get_paths()["stdlib"]) / HELD_OUT_PACKAGE
+    return def_prefixes(sorted(root.rglob("*.py")), num_prompts, seed, max_lines, max_chars)
+
+
+def def_prefixes(
+    paths: Sequence[Path], num_prompts: int, seed: int = 0, max_lines: int = 14, max_chars: int = 600
+) -> list[str]:
+    """Up to ``max_lines`` lines of source ending right after a ``def`` line's signature, seeded."""
     rng = random.Random(seed)
     candidates: list[str] = []
-    for path in sorted(root.rglob("*.py")):
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for path in paths:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError:
+            continue
         for index, line in enumerate(lines):
             # End each prompt just after a function header: the model must write the body.
             if line.lstrip().startswith("def ") and line.rstrip().endswith(":") and index >= max_lines:

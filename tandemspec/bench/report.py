@@ -8,11 +8,12 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tandemspec.bench.runner import BASELINE_MODE, MODES
+from tandemspec.edge.gate import GATE_KINDS
 
 PLOT_NAMES = ("tpot_vs_rtt.png", "quality_vs_target_passes.png", "throughput_vs_concurrency.png")
 _PACKAGES = ("tandemspec", "torch", "transformers", "onnxruntime", "grpcio", "numpy", "tokenizers", "matplotlib")
@@ -86,9 +87,11 @@ def _cell(value: Any, spec: str) -> str:
     return "–" if value is None else spec.format(value)
 
 
-def mode_table(figures: Mapping[str, Mapping[str, Mapping[str, Any]]], rtt: str) -> list[str]:
-    """Markdown rows: one column per mode at one RTT, one row per figure."""
-    modes = [m for m in figures if rtt in figures[m]]
+def mode_table(
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]], rtt: str, leave_out: Collection[str] = ()
+) -> list[str]:
+    """Markdown rows: one column per mode at one RTT (but ``leave_out``), one row per figure."""
+    modes = [m for m in figures if rtt in figures[m] and m not in leave_out]
     lines = ["| figure | " + " | ".join(modes) + " |", "| --- |" + " ---: |" * len(modes)]
     for name, label, spec in _TABLE_FIGURES:
         scale = 1000.0 if name == "cloud_s_per_token" else 1.0
@@ -100,13 +103,15 @@ def mode_table(figures: Mapping[str, Mapping[str, Mapping[str, Any]]], rtt: str)
     return lines
 
 
-def headline_table(head: Mapping[str, Any]) -> list[str]:
-    """Markdown rows of ratios to the cloud-only baseline, per mode and RTT."""
+def headline_table(head: Mapping[str, Any], leave_out: Collection[str] = ()) -> list[str]:
+    """Markdown rows of ratios to the cloud-only baseline, per mode (but ``leave_out``) and RTT."""
     lines = [
         "| mode | RTT ms | target passes/token | cloud s/token | bytes/token | TPOT p50 |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, by_rtt in head["vs_cloud"].items():
+        if mode in leave_out:
+            continue
         for rtt, ratios in by_rtt.items():
             cells = [
                 _cell(ratios[k], "{:.3f}")
@@ -114,6 +119,59 @@ def headline_table(head: Mapping[str, Any]) -> list[str]:
             ]
             lines.append(f"| {mode} | {rtt} | " + " | ".join(cells) + " |")
     return lines
+
+
+def sorted_points(
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]], points: Sequence[Mapping[str, Any]], rtt: str
+) -> list[Mapping[str, Any]]:
+    """The gated points measured at ``rtt``, by kind (in run order) then target passes/token."""
+    kinds = list(dict.fromkeys(p["kind"] for p in points))
+    measured = [p for p in points if rtt in figures.get(p["mode"], {})]
+    return sorted(measured, key=lambda p: (kinds.index(p["kind"]), figures[p["mode"]][rtt]["target_passes_per_token"]))
+
+
+def gated_table(
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]], points: Sequence[Mapping[str, Any]], rtts: Sequence[str]
+) -> list[str]:
+    """Markdown rows, one per gated operating point: its gate, its figures at ``rtts[0]``, TPOT at every RTT."""
+    rtt = rtts[0]
+    lines = [
+        "| kind | quality floor | threshold | trust rate | target passes/token | quality recovered | exact match | "
+        + " | ".join(f"TPOT p50 ms @{r}" for r in rtts)
+        + " |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(rtts),
+    ]
+    for point in sorted_points(figures, points, rtt):
+        by_rtt, row = figures[point["mode"]], figures[point["mode"]][rtt]
+        cells = [
+            point["kind"],
+            f"{point['quality']:g}",
+            f"{point['threshold']:.4g}",
+            _cell(row["trust_rate"], "{:.1%}"),
+            _cell(row["target_passes_per_token"], "{:.3f}"),
+            _cell(row["quality_recovered"], "{:.3f}"),
+            _cell(row["exact_match_rate"], "{:.0%}"),
+            *(_cell(by_rtt[r]["tpot_ms_p50"] if r in by_rtt else None, "{:.2f}") for r in rtts),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def gated_aim_line(head: Mapping[str, Any], rtt: str) -> list[str]:
+    """One sentence: per gate kind, the cheapest point reaching the quality aim at ``rtt``."""
+    best = head.get("gated_at_quality_aim") or {}
+    if not best:
+        return []
+    parts = []
+    for kind, by_rtt in best.items():
+        point = by_rtt.get(rtt)
+        parts.append(
+            f"{kind} none"
+            if point is None
+            else f"{kind} {point['target_passes_per_token']:.3f} (floor {point['quality']:g})"
+        )
+    aim = head["gated_quality_aim"]
+    return [f"Fewest target passes/token with quality recovered ≥ {aim:g} (RTT {rtt} ms): {', '.join(parts)}.", ""]
 
 
 def load_table(load: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -133,6 +191,8 @@ def load_table(load: Sequence[Mapping[str, Any]]) -> list[str]:
 def write_markdown(path: Path, results: Mapping[str, Any]) -> None:
     """``results.md``: the configuration, headline ratios, per-RTT tables, load and the reference."""
     config, machine, head = results["config"], results["machine"], results["headline"]
+    points = results.get("gated_points", [])
+    gated = {p["mode"] for p in points}  # in their own table: one column each would swamp the others
     lines = [
         "# tandem bench",
         "",
@@ -143,7 +203,7 @@ def write_markdown(path: Path, results: Mapping[str, Any]) -> None:
         "",
         f"## Headline: each figure divided by the same figure of `{BASELINE_MODE}` (lower is better)",
         "",
-        *headline_table(head),
+        *headline_table(head, leave_out=gated),
         "",
     ]
     served = head["tokens_per_s"]
@@ -153,7 +213,20 @@ def write_markdown(path: Path, results: Mapping[str, Any]) -> None:
         tail = f" (lossless ÷ cloud = {ratio:.2f})" if ratio is not None else ""
         lines += [f"Tokens/s served by one verifier at {head['concurrency']} edges: {', '.join(parts)}{tail}.", ""]
     for rtt in results["rtts_ms"]:
-        lines += [f"## RTT {rtt} ms", "", *mode_table(results["figures"], rtt), ""]
+        lines += [f"## RTT {rtt} ms", "", *mode_table(results["figures"], rtt, leave_out=gated), ""]
+    if points:
+        first = results["rtts_ms"][0]
+        lines += [
+            f"## Gated operating points (RTT {first} ms; TPOT at every RTT)",
+            "",
+            "Quality floor: the share of would-be-rejected tokens the gate must catch on held-out logs; "
+            "threshold: on the score's own scale (p_accept; top-1 probability; entropy in nats, trusted at or "
+            f"below); check every {config['gate_check_every']} tokens at least.",
+            "",
+            *gated_table(results["figures"], points, results["rtts_ms"]),
+            "",
+            *gated_aim_line(head, first),
+        ]
     lines += [f"## Load: N edges at once, RTT {results['rtts_ms'][0]} ms", "", *load_table(results["load"]), ""]
     lines += assisted_lines(results.get("assisted_reference"))
     for mode, note in results["skipped_modes"].items():
@@ -180,57 +253,82 @@ def assisted_lines(assisted: Mapping[str, Any] | None) -> list[str]:
 def mode_color(mode: str) -> str:
     """The same matplotlib colour for a mode in every plot."""
     names = [m.name for m in MODES]
-    return f"C{names.index(mode) if mode in names else len(names)}"
+    return f"C{names.index(mode) if mode in names else len(names) + len(GATE_KINDS)}"
 
 
-def plot_tpot(path: Path, figures: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
-    """TPOT p50 (bars to p95) against RTT, one line per mode."""
+def kind_color(kind: str) -> str:
+    """The colour of a gate kind's gated points, after the fixed modes' colours."""
+    return f"C{len(MODES) + (GATE_KINDS.index(kind) if kind in GATE_KINDS else len(GATE_KINDS))}"
+
+
+def plot_tpot(
+    path: Path, figures: Mapping[str, Mapping[str, Mapping[str, Any]]], points: Sequence[Mapping[str, Any]] = ()
+) -> None:
+    """TPOT p50 (bars to p95) against RTT, one line per mode; gated points as thin lines, one colour per kind."""
     import matplotlib.pyplot as plt
 
+    kind_of = {p["mode"]: p["kind"] for p in points}
     fig, ax = plt.subplots(figsize=(6, 4))
+    labelled: set[str] = set()
     for mode, by_rtt in figures.items():
         rtts = sorted(by_rtt, key=float)
+        xs = [float(r) for r in rtts]
         p50 = [by_rtt[r]["tpot_ms_p50"] for r in rtts]
+        if mode in kind_of:  # many points: no error bars, one legend entry per kind
+            kind = kind_of[mode]
+            label = f"gated ({kind})" if kind not in labelled else None
+            labelled.add(kind)
+            ax.plot(xs, p50, marker=".", lw=0.8, alpha=0.6, color=kind_color(kind), label=label)
+            continue
         p95 = [by_rtt[r]["tpot_ms_p95"] for r in rtts]
         upper = [max(b - a, 0.0) for a, b in zip(p50, p95, strict=True)]
-        ax.errorbar(
-            [float(r) for r in rtts],
-            p50,
-            yerr=[[0.0] * len(p50), upper],
-            marker="o",
-            capsize=3,
-            label=mode,
-            color=mode_color(mode),
-        )
+        ax.errorbar(xs, p50, yerr=[[0.0] * len(p50), upper], marker="o", capsize=3, label=mode, color=mode_color(mode))
     ax.set_xlabel("round-trip time (ms)")
     ax.set_ylabel("time per output token (ms), p50 (bar to p95)")
     ax.set_title("TPOT vs RTT by mode")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_quality(path: Path, figures: Mapping[str, Mapping[str, Mapping[str, Any]]], rtt: str) -> None:
-    """Quality recovered against target passes per token, one point per mode (gated: a curve, later)."""
+def plot_quality(
+    path: Path,
+    figures: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    rtt: str,
+    points: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Quality recovered against target passes per token: a point per fixed mode, a curve per gate kind."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    gated = {p["mode"] for p in points}
+    qualities = [0.0, 1.0]
     for mode, by_rtt in figures.items():
         row = by_rtt.get(rtt)
-        if row is None or row["quality_recovered"] is None:
+        if mode in gated or row is None or row["quality_recovered"] is None:
             continue
         x, y = row["target_passes_per_token"], row["quality_recovered"]
-        ax.scatter([x], [y], s=60, label=mode, color=mode_color(mode))
+        qualities.append(y)
+        ax.scatter([x], [y], s=60, label=mode, color=mode_color(mode), zorder=3)
+    for kind in dict.fromkeys(p["kind"] for p in points):
+        rows = [figures[p["mode"]][rtt] for p in sorted_points(figures, points, rtt) if p["kind"] == kind]
+        rows = [r for r in rows if r["quality_recovered"] is not None]
+        if rows:
+            xs = [r["target_passes_per_token"] for r in rows]
+            ys = [r["quality_recovered"] for r in rows]
+            qualities += ys
+            ax.plot(xs, ys, marker="o", ms=4, lw=1.2, color=kind_color(kind), label=f"gated ({kind})", zorder=2)
+    ax.scatter([0.15], [0.9], s=80, marker="*", color="gray", alpha=0.35, zorder=1)
+    ax.annotate("aim", (0.15, 0.9), xytext=(0, -14), textcoords="offset points", ha="center", color="gray", alpha=0.6)
     ax.set_xlabel("target passes per token")
     ax.set_ylabel("quality recovered (1 = target, 0 = drafter)")
     ax.set_title(f"Quality vs cloud compute (RTT {rtt} ms)")
-    ax.text(0.5, 0.5, "gated curve: not built yet", transform=ax.transAxes, ha="center", color="gray")
     ax.set_xlim(left=-0.05)
-    ax.set_ylim(-0.1, 1.15)
+    ax.set_ylim(min(qualities) - 0.1, max(qualities) + 0.15)  # gated points may fall outside [0, 1]
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -265,7 +363,8 @@ def write_plots(out: Path, results: Mapping[str, Any]) -> list[Path]:
 
     matplotlib.use("Agg")
     paths = [out / name for name in PLOT_NAMES]
-    plot_tpot(paths[0], results["figures"])
-    plot_quality(paths[1], results["figures"], results["rtts_ms"][0])
+    points = results.get("gated_points", [])
+    plot_tpot(paths[0], results["figures"], points)
+    plot_quality(paths[1], results["figures"], results["rtts_ms"][0], points)
     plot_throughput(paths[2], results["load"])
     return paths

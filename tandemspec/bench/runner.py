@@ -1,8 +1,9 @@
 """The bench run: every mode over the same prompts, interleaved, through the link emulator.
 
 For each link setting (round-trip delay) the runner walks the prompts once; for each
-prompt it runs every mode in turn (``cloud``, ``local``, ``lossless-sync``, ``lossless``),
-so slow drift of a shared machine hits all modes alike. Each run records the generated
+prompt it runs every mode in turn (``cloud``, ``local``, ``lossless-sync``, ``lossless``,
+then one ``gated-KIND@Q`` mode per gate kind and quality floor), so slow drift of a shared
+machine hits all modes alike. Each run records the generated
 ids, the decoder's statistics, the verifier's pass counts and when each token reached the
 app (``on_tokens``). The load test then runs N edges at once against the one verifier.
 Scoring and figures live in :mod:`tandemspec.bench.scoring` and :mod:`tandemspec.bench.figures`.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from tandemspec.edge.bundle import load_bundle
 from tandemspec.edge.client import ClientConfig, DecodeStream, VerifierClient
 from tandemspec.edge.decoder import DecoderConfig, GenerationRequest, HybridDecoder
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
+from tandemspec.edge.gate import GATE_KINDS, GateChoice, GateKind, TrustGate
 from tandemspec.edge.stats import GenerationResult
 from tandemspec.edge.tokenizer import EdgeTokenizer
 from tandemspec.types import DecodeMode, SamplingParams
@@ -42,28 +44,43 @@ class BenchMode:
     name: str
     decode_mode: DecodeMode
     pipeline: bool = True
-    unavailable: str = ""  # why the mode cannot run yet ("" = it can)
+    gate: GateChoice | None = None  # gated operating points: the score and its quality floor
 
 
-# The registry of modes, in the interleaving order. A new mode (gated operating points)
-# is one more entry here.
+# The registry of fixed modes, in the interleaving order.
 MODES: tuple[BenchMode, ...] = (
     BenchMode("cloud", "cloud"),
     BenchMode("local", "local"),
     BenchMode("lossless-sync", "lossless", pipeline=False),
     BenchMode("lossless", "lossless", pipeline=True),
-    BenchMode("gated", "gated", unavailable="needs the uncertainty gate, which the edge does not have yet"),
 )
+# A family, not a mode: one bench mode per (gate kind, quality floor), see gated_modes.
+GATED_FAMILY = "gated"
+MODE_NAMES: tuple[str, ...] = (*(m.name for m in MODES), GATED_FAMILY)
 BASELINE_MODE = "cloud"
 DRAFTER_MODE = "local"
 
 
 def find_mode(name: str) -> BenchMode:
-    """The registered mode called ``name``; raises ``ValueError`` for an unknown name."""
+    """The registered fixed mode called ``name``; raises ``ValueError`` for an unknown name."""
     for mode in MODES:
         if mode.name == name:
             return mode
-    raise ValueError(f"unknown mode {name!r}; known: {', '.join(m.name for m in MODES)}")
+    raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODE_NAMES)}")
+
+
+def gated_mode_name(kind: str, quality: float) -> str:
+    """``gated-learned@0.9``: the bench name of one gated operating point."""
+    return f"{GATED_FAMILY}-{kind}@{quality:g}"
+
+
+def gated_modes(kinds: Sequence[GateKind], qualities: Sequence[float]) -> tuple[BenchMode, ...]:
+    """One gated mode per (kind, quality floor), kind-major (not pipelined: gated mode never is)."""
+    return tuple(
+        BenchMode(gated_mode_name(kind, quality), "gated", pipeline=False, gate=GateChoice(kind, quality=quality))
+        for kind in dict.fromkeys(kinds)
+        for quality in dict.fromkeys(qualities)
+    )
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,7 @@ class BenchConfig:
     drafter_dir: Path  # Hugging Face drafter (assisted-generation reference)
     bundle_dir: Path  # the edge bundle of the same drafter
     prompts: tuple[str, ...]
-    modes: tuple[str, ...] = ("cloud", "local", "lossless-sync", "lossless")
+    modes: tuple[str, ...] = ("cloud", "local", "lossless-sync", "lossless", GATED_FAMILY)
     rtts_ms: tuple[float, ...] = (0.0, 20.0, 80.0)
     concurrency: tuple[int, ...] = (1, 4, 16)
     load_modes: tuple[str, ...] = ("cloud", "lossless")
@@ -83,6 +100,10 @@ class BenchConfig:
     draft_length: int = 4
     num_assisted_prompts: int = 4  # 0 = skip the transformers reference
     drafter_threads: int = 1  # ONNX Runtime intra-op threads per edge
+    gate_kinds: tuple[GateKind, ...] = GATE_KINDS  # the learned gate and the two baselines
+    # quality floors: the share of would-be-rejected tokens each point must catch on held-out logs
+    gate_qualities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
+    gate_check_every: int = 16  # gated: verify at least every N tokens (0 = only doubted ones)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -91,8 +112,80 @@ class BenchConfig:
             raise ValueError("need at least one RTT and one concurrency level")
         if min(self.concurrency) < 1 or self.max_new_tokens < 1 or self.generations_per_edge < 1:
             raise ValueError("concurrency, max_new_tokens and generations_per_edge must be >= 1")
-        for name in (*self.modes, *self.load_modes):
-            find_mode(name)
+        for name in self.modes:
+            if name not in MODE_NAMES:
+                raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODE_NAMES)}")
+        for name in self.load_modes:
+            find_mode(name)  # the load test runs fixed modes only
+        for kind in self.gate_kinds:
+            if kind not in GATE_KINDS:
+                raise ValueError(f"unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
+        if any(not 0.0 <= q <= 1.0 for q in self.gate_qualities):
+            raise ValueError(f"gate quality floors must be in [0, 1], got {self.gate_qualities}")
+        if GATED_FAMILY in self.modes and not (self.gate_kinds and self.gate_qualities):
+            raise ValueError("gated mode needs at least one gate kind and one quality floor")
+        if self.gate_check_every < 0:
+            raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
+
+
+@dataclass(frozen=True)
+class GatedPoint:
+    """A gated operating point as the bench ran it: the score, its quality floor, the resolved threshold."""
+
+    mode: str
+    kind: GateKind
+    quality: float
+    threshold: float  # on the score's own scale (p_accept, top-1 probability, entropy in nats)
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    """The modes a bench runs, in interleaving order, with the trust gates of the gated ones."""
+
+    modes: tuple[BenchMode, ...]
+    gates: dict[str, TrustGate]  # by mode name
+    gated_points: tuple[GatedPoint, ...]
+    skipped: dict[str, str]  # mode or family -> why it did not run
+
+
+def plan_modes(config: BenchConfig, gate_path: Path | None) -> ModePlan:
+    """Expand ``gated`` into its operating points and load their gates (``gate_path``: the bundle's gate.onnx).
+
+    When the gates cannot be built (no gate in the bundle, no operating curves in its
+    gate.json) the whole gated family is skipped with the reason; the other modes still run.
+    """
+    modes: list[BenchMode] = []
+    gates: dict[str, TrustGate] = {}
+    points: list[GatedPoint] = []
+    skipped: dict[str, str] = {}
+    for name in config.modes:
+        if name != GATED_FAMILY:
+            modes.append(find_mode(name))
+            continue
+        family = gated_modes(config.gate_kinds, config.gate_qualities)
+        try:
+            built = {mode.name: build_trust_gate(mode, gate_path) for mode in family}
+        except ValueError as error:
+            logger.warning("skipping gated mode: %s", error)
+            skipped[GATED_FAMILY] = str(error)
+            continue
+        modes.extend(family)
+        gates.update(built)
+        for mode in family:
+            assert mode.gate is not None and mode.gate.quality is not None  # gated_modes sets both
+            points.append(GatedPoint(mode.name, mode.gate.kind, mode.gate.quality, built[mode.name].threshold))
+    return ModePlan(tuple(modes), gates, tuple(points), skipped)
+
+
+def build_trust_gate(mode: BenchMode, gate_path: Path | None) -> TrustGate:
+    """The trust gate of one gated mode; ``ValueError`` when the bundle cannot provide it."""
+    assert mode.gate is not None
+    if gate_path is None:
+        raise ValueError("the edge bundle has no gate (gate.onnx): train one with `tandem gate train --out BUNDLE`")
+    try:
+        return TrustGate.from_choice(mode.gate, gate_path)
+    except ValueError as error:
+        raise ValueError(f"{mode.name}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -143,26 +236,41 @@ class RecordingClient(VerifierClient):
 
 @dataclass
 class Edge:
-    """One emulated device: a drafter, tokenizer, client and a decoder per pipelining setting."""
+    """One emulated device: a drafter, tokenizer and client shared by one decoder per mode."""
 
     tokenizer: EdgeTokenizer
     client: RecordingClient
-    decoders: dict[bool, HybridDecoder] = field(default_factory=dict)
+    decoders: dict[str, HybridDecoder] = field(default_factory=dict)  # by mode name
 
     def close(self) -> None:
         self.client.close()
 
 
-def build_edge(config: BenchConfig, address: str) -> Edge:
-    """An edge talking to ``address`` (the link proxy), with warm drafter sessions."""
+def build_edge(
+    config: BenchConfig, address: str, modes: Sequence[BenchMode], gates: Mapping[str, TrustGate] | None = None
+) -> Edge:
+    """An edge talking to ``address`` (the link proxy) with a decoder for each of ``modes``.
+
+    ``gates``: the trust gate of each gated mode, by name (shared between edges: a gate
+    holds no per-generation state and ONNX Runtime sessions may run concurrently).
+    """
     bundle = load_bundle(config.bundle_dir)
     tokenizer = EdgeTokenizer.from_bundle(bundle)
     drafter = OnnxDrafter(bundle, DrafterOptions(intra_op_threads=config.drafter_threads))
     client = RecordingClient(ClientConfig(address=address, recv_timeout_s=60.0))
     edge = Edge(tokenizer, client)
-    for pipeline in (False, True):
-        decoder_config = DecoderConfig(draft_length=config.draft_length, pipeline=pipeline)
-        edge.decoders[pipeline] = HybridDecoder(drafter, tokenizer, client, decoder_config)
+    gates = gates or {}
+    for mode in modes:
+        decoder_config = DecoderConfig(
+            mode=mode.decode_mode,
+            draft_length=config.draft_length,
+            pipeline=mode.pipeline,
+            gate_check_every=config.gate_check_every,
+        )
+        gate = gates.get(mode.name)
+        if mode.gate is not None and gate is None:
+            raise ValueError(f"{mode.name} needs its trust gate")
+        edge.decoders[mode.name] = HybridDecoder(drafter, tokenizer, client, decoder_config, gate=gate)
     return edge
 
 
@@ -179,7 +287,7 @@ def generate_once(
     num_streams = len(edge.client.streams)
     request = GenerationRequest(prompt_ids, SamplingParams(), max_new_tokens, mode=mode.decode_mode)
     start = time.perf_counter()
-    result = edge.decoders[mode.pipeline].generate(request, on_tokens)
+    result = edge.decoders[mode.name].generate(request, on_tokens)
     streams = edge.client.streams[num_streams:]
     del edge.client.streams[num_streams:]  # keep the list short over a long run
     offsets = [t - start for t in arrivals]
@@ -232,11 +340,16 @@ def warm_up(edge: Edge, modes: Sequence[BenchMode], prompt_ids: tuple[int, ...])
 
 
 def run_modes(
-    config: BenchConfig, server: ServerHandle, link: LinkThread, encoded: Sequence[tuple[int, ...]], progress: Progress
+    config: BenchConfig,
+    plan: ModePlan,
+    server: ServerHandle,
+    link: LinkThread,
+    encoded: Sequence[tuple[int, ...]],
+    progress: Progress,
 ) -> list[PromptRun]:
-    """Every runnable mode at every RTT over every prompt, interleaved per prompt."""
-    modes = [find_mode(name) for name in config.modes if not find_mode(name).unavailable]
-    edge = build_edge(config, link.address)
+    """Every planned mode at every RTT over every prompt, interleaved per prompt."""
+    modes = plan.modes
+    edge = build_edge(config, link.address, modes, plan.gates)
     runs: list[PromptRun] = []
     try:
         warm_up(edge, modes, encoded[0])
@@ -278,17 +391,15 @@ def run_load(
     rtt_ms = config.rtts_ms[0]
     link.set_link(LinkConfig(rtt_ms=rtt_ms))
     runs: list[LoadRun] = []
+    modes = [find_mode(name) for name in config.load_modes]
     for concurrency in config.concurrency:
-        edges = [build_edge(config, link.address) for _ in range(concurrency)]
+        edges = [build_edge(config, link.address, modes) for _ in range(concurrency)]
         try:
-            for name in config.load_modes:
-                mode = find_mode(name)
-                if mode.unavailable:
-                    continue
+            for mode in modes:
                 for edge in edges:
                     warm_up(edge, [mode], encoded[0])
                 runs.append(run_load_once(edges, mode, rtt_ms, encoded, config, server))
-                progress(f"load: {concurrency} edges, {name}: {runs[-1].tokens_per_s:.1f} tokens/s")
+                progress(f"load: {concurrency} edges, {mode.name}: {runs[-1].tokens_per_s:.1f} tokens/s")
         finally:
             for edge in edges:
                 edge.close()

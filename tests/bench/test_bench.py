@@ -3,47 +3,102 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from tandemspec.bench.figures import FIGURE_NAMES, quality_recovered
+from tandemspec.bench.commands import config_from_args
+from tandemspec.bench.figures import FIGURE_NAMES, cheapest_at_quality, quality_recovered
 from tandemspec.bench.report import PLOT_NAMES
-from tandemspec.bench.runner import BenchConfig, find_mode
+from tandemspec.bench.runner import BenchConfig, find_mode, gated_mode_name, plan_modes
+from tandemspec.cli import build_parser
+from tandemspec.edge.bundle import load_bundle
+from tandemspec.edge.features import token_features
 
 MODES = ("cloud", "local", "lossless-sync", "lossless")
+GATE_KINDS = ("learned", "entropy", "top1")
+GATE_QUALITIES = (0.5, 0.9)
+GATED = tuple(gated_mode_name(kind, q) for kind in GATE_KINDS for q in GATE_QUALITIES)
 PROMPTS = ("def add(a, b):\n    return", "import os\n\n\ndef main():\n")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_DRAFTER = ("llama", 1, 0.05)  # what tiny_bundle_dir("llama") exports (seed 1, DRAFTER_NOISE)
 
 
+def install_gate(bundle_dir: Path, target_dir: Path, num_tokens: int = 400, num_sessions: int = 10) -> None:
+    """Train a gate into ``bundle_dir`` on real tokens: the drafter's features over stdlib source,
+    labelled accepted where the drafter's and the target's greedy picks agree (greedy acceptance)."""
+    import inspect
+    import textwrap
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tandemspec.edge.drafter import OnnxDrafter
+    from tandemspec.edge.tokenizer import EdgeTokenizer
+    from tandemspec.federated.gate import TrainConfig, train_gate, write_gate
+
+    bundle = load_bundle(bundle_dir)
+    ids = EdgeTokenizer.from_bundle(bundle).encode_prompt(inspect.getsource(textwrap))[:num_tokens]
+    drafter = OnnxDrafter(bundle)
+    drafter.reset(ids[:1])
+    logits, hidden = drafter.extend(ids[1:])  # [n - 1, vocab], [n - 1, hidden]: predictions of ids[2:]...
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    with torch.no_grad():
+        target_logits = target(torch.tensor([ids])).logits[0, 1:].numpy()  # [n - 1, vocab], aligned with logits
+    features = token_features(logits, hidden, np.arange(len(logits)) % 4)  # positions as in blocks of 4
+    labels = logits.argmax(-1) == target_logits.argmax(-1)
+    groups = np.arange(len(labels)) * num_sessions // len(labels)
+    write_gate(train_gate(features, labels, groups, TrainConfig(steps=100)), bundle_dir)
+
+
+def tiny_config(bundle_dir: Path, tiny_model_dir: Callable[..., Path], **fields: Any) -> BenchConfig:
+    """The tiny llama pair, 2 prompts, 12 tokens, RTT 5 ms, 1 and 2 edges (``fields`` override)."""
+    defaults: dict[str, Any] = {
+        "prompts": PROMPTS,
+        "rtts_ms": (5.0,),
+        "concurrency": (1, 2),
+        "generations_per_edge": 1,
+        "max_new_tokens": 12,
+        "num_assisted_prompts": 1,
+        "gate_kinds": GATE_KINDS,
+        "gate_qualities": GATE_QUALITIES,
+    }
+    return BenchConfig(
+        target_dir=tiny_model_dir("llama", 0),
+        drafter_dir=tiny_model_dir(*TINY_DRAFTER),
+        bundle_dir=bundle_dir,
+        **(defaults | fields),
+    )
+
+
+@pytest.fixture(scope="module")
+def gated_bundle(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bundle_dir: Callable[..., Path], tiny_model_dir: Callable[..., Path]
+) -> Path:
+    """A copy of the tiny llama bundle with a gate (gate.onnx and gate.json with operating curves)."""
+    bundle = tmp_path_factory.mktemp("gated") / "edge"
+    shutil.copytree(tiny_bundle_dir("llama"), bundle)
+    install_gate(bundle, tiny_model_dir("llama", 0))
+    return bundle
+
+
 @pytest.fixture(scope="module")
 def bench_out(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model_dir: Callable[..., Path],
-    tiny_bundle_dir: Callable[..., Path],
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Callable[..., Path], gated_bundle: Path
 ) -> tuple[Path, dict[str, Any]]:
-    """One small bench run on the tiny llama pair (2 prompts, 12 tokens, RTT 5 ms, 1 and 2 edges)."""
+    """One small bench run on the tiny llama pair, every fixed mode and 6 gated operating points."""
     pytest.importorskip("matplotlib")
     import torch
 
     from tandemspec.bench.commands import run_bench
 
     torch.set_num_threads(1)
-    config = BenchConfig(
-        target_dir=tiny_model_dir("llama", 0),
-        drafter_dir=tiny_model_dir(*TINY_DRAFTER),
-        bundle_dir=tiny_bundle_dir("llama"),
-        prompts=PROMPTS,
-        rtts_ms=(5.0,),
-        concurrency=(1, 2),
-        generations_per_edge=1,
-        max_new_tokens=12,
-        num_assisted_prompts=1,
-    )
+    config = tiny_config(gated_bundle, tiny_model_dir)
     out = tmp_path_factory.mktemp("bench")
     lines: list[str] = []
     results = run_bench(config, out, "tandem bench (test)", progress=lines.append)
@@ -60,17 +115,42 @@ def test_outputs_exist_and_json_round_trips(bench_out: tuple[Path, dict[str, Any
     for key in ("platform", "cpu_count", "date"):
         assert on_disk["machine"][key]
     assert on_disk["versions"]["torch"] and on_disk["versions"]["onnxruntime"]
-    assert "gated" in on_disk["skipped_modes"]
+    assert on_disk["skipped_modes"] == {}
+    assert [p["mode"] for p in on_disk["gated_points"]] == list(GATED)
 
 
 def test_every_mode_has_every_figure(bench_out: tuple[Path, dict[str, Any]]) -> None:
     _, results = bench_out
-    assert set(results["figures"]) == set(MODES)
-    for mode in MODES:
+    assert set(results["figures"]) == {*MODES, *GATED}
+    for mode in (*MODES, *GATED):
         row = results["figures"][mode]["5"]
         assert set(row) == set(FIGURE_NAMES)
         assert row["num_prompts"] == 2 and row["num_tokens"] > 0
         assert row["num_fell_back"] == 0
+    assert all(results["figures"][mode]["5"]["trust_rate"] is None for mode in MODES)
+
+
+def test_gated_points_have_their_gate_and_figures(bench_out: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_out
+    for point in results["gated_points"]:
+        assert point["kind"] in GATE_KINDS and point["quality"] in GATE_QUALITIES
+        assert np.isfinite(point["threshold"])
+        row = results["figures"][point["mode"]]["5"]
+        assert row["quality_recovered"] is not None
+        assert 0.0 <= row["trust_rate"] <= 1.0
+        # Every verified round emits at least one token; trusted tokens ride along in rounds.
+        assert 0.0 < row["target_passes_per_token"] <= 1.0 + 1e-9
+    for kind in GATE_KINDS:  # a higher quality floor never trusts more (same curve, stricter floor)
+        low, high = (results["gated_points"][GATED.index(gated_mode_name(kind, q))] for q in GATE_QUALITIES)
+        if kind == "entropy":  # trusted at or below the entropy threshold
+            assert high["threshold"] <= low["threshold"]
+        else:
+            assert high["threshold"] >= low["threshold"]
+    best = results["headline"]["gated_at_quality_aim"]
+    assert set(best) == set(GATE_KINDS)
+    for by_rtt in best.values():
+        point = by_rtt["5"]
+        assert point is None or point["quality_recovered"] >= results["headline"]["gated_quality_aim"]
 
 
 def test_lossless_matches_cloud_and_quality_is_defined_by_its_ends(bench_out: tuple[Path, dict[str, Any]]) -> None:
@@ -113,7 +193,55 @@ def test_markdown_has_headline_and_tables(bench_out: tuple[Path, dict[str, Any]]
     out, _ = bench_out
     text = (out / "results.md").read_text(encoding="utf-8")
     assert "## Headline" in text and "## RTT 5 ms" in text and "tokens/s served" in text
-    assert "`gated` skipped" in text
+    assert "## Gated operating points" in text and "skipped:" not in text
+    table = text.split("## Gated operating points")[1].split("\n\n")[2].splitlines()
+    assert len(table) == 2 + len(GATED)  # header, rule, one row per point
+    assert [row.split("|")[1].strip() for row in table[2:]] == sorted(
+        [kind for kind in GATE_KINDS for _ in GATE_QUALITIES], key=GATE_KINDS.index
+    )
+
+
+def test_no_gate_skips_the_gated_family_only(
+    tiny_bundle_dir: Callable[..., Path], tiny_model_dir: Callable[..., Path], gated_bundle: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_bundle_dir("llama"), tiny_model_dir)
+    plan = plan_modes(config, load_bundle(config.bundle_dir).gate_path)
+    assert [m.name for m in plan.modes] == list(MODES)
+    assert not plan.gates and not plan.gated_points
+    assert "no gate" in plan.skipped["gated"]
+    # A gate without operating curves (an older gate.json): skipped too, saying what is missing.
+    bundle = tmp_path / "edge"
+    shutil.copytree(gated_bundle, bundle)
+    metadata = json.loads((bundle / "gate.json").read_text(encoding="utf-8"))
+    del metadata["operating_curves"]
+    (bundle / "gate.json").write_text(json.dumps(metadata), encoding="utf-8")
+    plan = plan_modes(config, bundle / "gate.onnx")
+    assert [m.name for m in plan.modes] == list(MODES)
+    assert "operating curve" in plan.skipped["gated"]
+
+
+def test_cheapest_at_quality_aim() -> None:
+    points = [{"mode": "a", "kind": "top1", "quality": 0.5}, {"mode": "b", "kind": "top1", "quality": 0.9}]
+    figures = {
+        "a": {"0": {"quality_recovered": 0.8, "target_passes_per_token": 0.1}},
+        "b": {"0": {"quality_recovered": 0.95, "target_passes_per_token": 0.3}},
+    }
+    best = cheapest_at_quality(figures, points, 0.9)["top1"]["0"]
+    assert best is not None and best["mode"] == "b"
+    assert cheapest_at_quality(figures, points, 0.99) == {"top1": {"0": None}}
+
+
+def test_gate_flags_reach_the_config() -> None:
+    args = build_parser().parse_args(
+        ["bench", "--quick", "--out", "x", "--gate-kinds", "top1,entropy", "--gate-check-every", "0"]
+    )
+    config = config_from_args(args)
+    assert config.gate_kinds == ("top1", "entropy") and config.gate_qualities == (0.7, 0.9)
+    assert config.gate_check_every == 0 and "gated" in config.modes
+    args = build_parser().parse_args(["bench", "--out", "x", "--gate-qualities", "0.6,0.95"])
+    assert config_from_args(args).gate_qualities == (0.6, 0.95)
+    with pytest.raises(ValueError, match="gate kind"):
+        config_from_args(build_parser().parse_args(["bench", "--out", "x", "--gate-kinds", "magic"]))
 
 
 def test_quality_recovered_formula() -> None:
@@ -121,7 +249,10 @@ def test_quality_recovered_formula() -> None:
     assert quality_recovered(1.0, 1.0, 1.0) is None
 
 
-def test_unknown_and_unavailable_modes() -> None:
+def test_unknown_modes() -> None:
     with pytest.raises(ValueError, match="unknown mode"):
         find_mode("turbo")
-    assert find_mode("gated").unavailable
+    with pytest.raises(ValueError, match="unknown mode"):
+        BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, modes=("cloud", "turbo"))
+    with pytest.raises(ValueError, match="quality floors"):
+        BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, gate_qualities=(1.5,))

@@ -78,12 +78,14 @@ def target_for(tiny_model_dir: Callable[..., Path]) -> Callable[[str], Any]:
 def make_decoder(
     drafter_for: Callable[[str], tuple[OnnxDrafter, EdgeTokenizer]],
 ) -> Callable[..., HybridDecoder]:
-    """Factory: ``make_decoder(family, address=None, log=None, **DecoderConfig fields)``."""
+    """Factory: ``make_decoder(family, address=None, log=None, gate=None, **DecoderConfig fields)``."""
 
-    def make(family: str, address: str | None = None, log: DeviceLog | None = None, **fields: Any) -> HybridDecoder:
+    def make(
+        family: str, address: str | None = None, log: DeviceLog | None = None, gate: Any = None, **fields: Any
+    ) -> HybridDecoder:
         drafter, tokenizer = drafter_for(family)
         client = VerifierClient(ClientConfig(address=address, recv_timeout_s=20.0)) if address else None
-        return HybridDecoder(drafter, tokenizer, client, DecoderConfig(**fields), log)
+        return HybridDecoder(drafter, tokenizer, client, DecoderConfig(**fields), log, gate=gate)
 
     return make
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,45 @@ def test_gate_train_refuses_single_class_log(tmp_path: Path) -> None:
         log.record_round(RoundRecord(session="s", position=0, mode="lossless", tokens=tokens))
     assert main(["gate", "train", "--log", str(db), "--out", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_gate_json_carries_operating_curves(tmp_path: Path) -> None:
+    """gate.json holds a held-out curve per score (learned, entropy, top1) and the largest trained position."""
+    db, out = tmp_path / "log.db", tmp_path / "gate"
+    _fill_log(db, num_rounds=200, seed=3)
+    assert main(["gate", "train", "--log", str(db), "--out", str(out)]) == 0
+    meta = json.loads((out / GATE_JSON_NAME).read_text())
+    assert meta["max_position"] == 3
+    assert set(meta["operating_curves"]) == {"learned", "entropy", "top1"}
+    for rows in meta["operating_curves"].values():
+        rates = [row["trust_rate"] for row in rows]
+        assert min(rates) == 0.0 and max(rates) == 1.0
+        assert all(0.0 <= row["rejections_caught"] <= 1.0 for row in rows)
+
+
+def test_gate_train_into_a_bundle_lists_the_gate(
+    tmp_path: Path, tiny_bundle_dir: Callable[..., Path], tiny_model_dir: Callable[..., Path]
+) -> None:
+    """``tandem gate collect`` logs a real pair; ``gate train --out BUNDLE`` installs a gate the edge loads."""
+    import shutil
+
+    from tandemspec.edge.bundle import load_bundle
+    from tandemspec.edge.gate import GateChoice, TrustGate
+    from tandemspec.federated.collect import CollectConfig, collect
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir("llama"), bundle_dir)
+    db = tmp_path / "log.db"
+    summary = collect(
+        CollectConfig(
+            log_db=db, target_dir=tiny_model_dir("llama", 0), bundle_dir=bundle_dir, num_prompts=12, max_new_tokens=16
+        )
+    )
+    assert summary.num_prompts == 12 and summary.num_drafted > 0 and 0 < summary.num_accepted < summary.num_drafted
+    with DeviceLog(db) as log:
+        assert log.count() == summary.num_drafted
+    assert main(["gate", "train", "--log", str(db), "--out", str(bundle_dir)]) == 0
+    bundle = load_bundle(bundle_dir)  # hashes verified: the manifest lists the new files
+    assert bundle.gate_path is not None and GATE_JSON_NAME in bundle.manifest.files
+    gate = TrustGate.from_choice(GateChoice("learned", quality=0.9), bundle.gate_path)
+    assert 0.0 <= gate.threshold <= 1.0 and gate.max_position == 7
