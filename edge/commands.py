@@ -52,9 +52,10 @@ def summary_line(result: GenerationResult) -> str:
     fallback = (
         f", fell back to local after {s.fallback_at_token} tokens ({s.fallback_reason})" if s.fell_back_to_local else ""
     )
+    trusted = f", {s.num_trusted} trusted by the gate" if s.mode_requested == "gated" else ""
     return (
         f"[{s.mode_used}] {s.num_generated} tokens in {s.wall_s:.2f} s, {s.num_target_passes} target passes, "
-        f"accepted {s.num_accepted}/{s.num_drafted} drafts, {s.mean_accepted_length:.2f} tokens/round, "
+        f"accepted {s.num_accepted}/{s.num_drafted} drafts{trusted}, {s.mean_accepted_length:.2f} tokens/round, "
         f"{s.bytes_up_per_token:.0f} B up + {s.bytes_down_per_token:.0f} B down per token{fallback}"
     )
 

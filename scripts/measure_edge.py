@@ -57,6 +57,7 @@ def summarise(stats: list[dict[str, float]]) -> dict[str, float]:
         "prompts": len(stats),
         "tokens": tokens,
         "mean_accepted_length": tokens / sum(s["num_rounds"] for s in stats),
+        "drafted_per_token": sum(s["num_drafted"] for s in stats) / tokens,
         "target_passes_per_token": sum(s["num_target_passes"] for s in stats) / tokens,
         "bytes_up_per_token": sum(s["bytes_up"] for s in stats) / tokens,
         "bytes_down_per_token": sum(s["bytes_down"] for s in stats) / tokens,
@@ -94,8 +95,11 @@ def drafter_ms_per_token(num_tokens: int = 128) -> dict[str, float]:
 
 
 DRAFT_SETTINGS: dict[str, list[str]] = {
-    **{f"fixed k={k}": ["--draft-length", str(k)] for k in (2, 3, 4, 5, 6)},
-    **{f"gate, survival >= {p} (cap 8)": ["--draft-length", "8", "--min-survival", str(p)] for p in (0.3, 0.5, 0.7)},
+    **{f"fixed k={k}": ["--draft-length", str(k)] for k in (2, 3, 4, 5, 6, 8)},
+    **{
+        f"gate, survival >= {p} (cap 8)": ["--draft-length", "8", "--min-survival", str(p)]
+        for p in (0.1, 0.2, 0.3, 0.5)
+    },
 }
 
 
@@ -112,12 +116,15 @@ def compare_draft_lengths(max_new_tokens: int, repeats: int) -> None:
         process.wait(timeout=30)
     print(f"Reference pair with its bundled gate, {len(PROMPTS.read_text().splitlines())} held-out prompts x "
           f"{repeats}, {max_new_tokens} new tokens, greedy lossless, pipelining off, loopback.\n")  # fmt: skip
-    print("| draft length | mean accepted length | target passes/token | ms/token |\n| --- | ---: | ---: | ---: |")
+    print(
+        "| draft length | mean accepted length | target passes/token | drafted/token | bytes up/token | ms/token |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
     for name, stats in runs.items():
         row = summarise(stats)
         print(
             f"| {name} | {row['mean_accepted_length']:.3f} | {row['target_passes_per_token']:.3f} | "
-            f"{row['ms_per_token']:.2f} |"
+            f"{row['drafted_per_token']:.2f} | {row['bytes_up_per_token']:.1f} | {row['ms_per_token']:.2f} |"
         )
 
 

@@ -130,3 +130,24 @@ def test_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     args = build_parser().parse_args(["edge", "serve", "--config", str(toml), "--draft-length", "2", "--mode", "cloud"])
     config = config_from_args(args)
     assert (config.draft_length, config.mode, config.port) == (2, "cloud", 8000)
+
+
+def test_generate_gated_from_the_command_line(
+    tiny_bundle_dir: Callable[..., Path],
+    verifier_for: Callable[[str], Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--mode gated`` with a baseline and a raw threshold; a quality floor needs the bundle's curves."""
+    base = ["edge", "generate", "--cloud", verifier_for("llama").address, "--bundle", str(tiny_bundle_dir("llama"))]
+    base += ["--prompt", "def f(x):\n", "--max-new-tokens", "12", "--mode", "gated", "--json"]
+    assert main([*base, "--gate-kind", "top1", "--gate-threshold", "0", "--gate-check-every", "0"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["mode_used"] == "gated" and stats["num_trusted"] == 12 and stats["num_drafted"] == 0
+    assert main([*base, "--gate-kind", "entropy", "--gate-threshold", "-1"]) == 0  # entropy is never below 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["num_trusted"] == 0 and stats["num_drafted"] > 0
+    assert main([*base, "--gate-kind", "top1", "--gate-quality", "0.9"]) == 1
+    assert "operating curve" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse: the three operating points are mutually exclusive
+        main([*base, "--gate-quality", "0.9", "--gate-lambda", "0.1"])
+    assert exited.value.code == 2
