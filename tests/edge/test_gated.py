@@ -133,3 +133,28 @@ def test_gated_falls_back_to_local_without_a_cloud(make_decoder: Callable[..., H
     decoder = make_decoder("llama", None, gate=TRUST_NOTHING, mode="gated")
     result = _generate(decoder, PROMPTS[0], 8)
     assert result.stats.fell_back_to_local and len(result.token_ids) == 8
+
+
+@pytest.mark.parametrize(
+    "make_gate", [lambda: TRUST_ALL, lambda: TRUST_NOTHING, lambda: AlternatingGate(run=2)], ids=["all", "none", "alt"]
+)
+def test_gated_stops_exactly_at_limits_and_stop_strings(
+    make_gate: Callable[[], TrustGate], make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any]
+) -> None:
+    """``max_new_tokens`` and stop strings end a gated generation at the same token wherever it comes from."""
+    address = verifier_for("llama").address
+
+    def generate(max_new: int, stops: tuple[str, ...] = ()) -> Any:
+        decoder = make_decoder("llama", address, gate=make_gate(), mode="gated", draft_length=3)
+        prompt = decoder.tokenizer.encode_prompt(PROMPTS[0])
+        return decoder.generate(GenerationRequest(prompt, SamplingParams(), max_new, stop_strings=stops))
+
+    for limit in (1, 2, 7):
+        result = generate(limit)
+        assert len(result.token_ids) == limit and result.finish_reason == "length"
+    full = generate(20)
+    stop = full.text[5:8]
+    assert stop.strip(), full.text
+    result = generate(20, (stop,))
+    assert result.finish_reason == "stop" and full.text.startswith(result.text)
+    assert stop not in result.text and len(result.text) <= 5 + len(stop)
