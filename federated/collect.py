@@ -27,6 +27,7 @@ from tandemspec.edge.bundle import default_bundle_dir
 from tandemspec.edge.decoder import GenerationRequest
 from tandemspec.edge.runtime import EdgeConfig, EdgeRuntime
 from tandemspec.federated.reference.corpus import split_corpus
+from tandemspec.types import DecodeMode
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class CollectConfig:
     draft_length: int = 8
     seed: int = 0
     return_top_k: int = 0  # also log the target's top-k per token (soft labels, drafter distillation)
+    mode: DecodeMode = "lossless"  # or "gated": the bundle's gate decides (trusted tokens get labels too)
+    gate_quality: float | None = None  # gated: the operating point (None = the default floor)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class CollectSummary:
     num_rounds: int
     num_accepted: int
     num_drafted: int
+    num_trusted: int  # gated: tokens emitted on the gate's trust (logged with the cloud's labels once sent)
     wall_s: float
 
 
@@ -73,13 +77,14 @@ def collect(config: CollectConfig) -> CollectSummary:
     edge = EdgeConfig(
         cloud=server.address,
         bundle=config.bundle_dir,
-        mode="lossless",
+        mode=config.mode,
+        gate_quality=config.gate_quality,
         draft_length=config.draft_length,
         pipeline=False,
         log_db=config.log_db,
         return_top_k=config.return_top_k,
     )
-    tokens = rounds = accepted = drafted = 0
+    tokens = rounds = accepted = drafted = trusted = 0
     start = time.perf_counter()
     try:
         with EdgeRuntime(edge) as runtime:
@@ -93,11 +98,12 @@ def collect(config: CollectConfig) -> CollectSummary:
                 rounds += stats.num_rounds
                 accepted += stats.num_accepted
                 drafted += stats.num_drafted
+                trusted += stats.num_trusted
                 if (index + 1) % 50 == 0:
                     logger.info("%d/%d prompts, %d tokens logged", index + 1, len(prompts), drafted)
     finally:
         server.stop()
-    return CollectSummary(len(prompts), tokens, rounds, accepted, drafted, time.perf_counter() - start)
+    return CollectSummary(len(prompts), tokens, rounds, accepted, drafted, trusted, time.perf_counter() - start)
 
 
 def collect_main(args: argparse.Namespace) -> int:
@@ -112,10 +118,13 @@ def collect_main(args: argparse.Namespace) -> int:
         draft_length=args.draft_length,
         seed=args.seed,
         return_top_k=args.return_top_k,
+        mode=args.mode,
+        gate_quality=args.gate_quality,
     )
     summary = collect(config)
     print(
-        f"logged {summary.num_drafted} verified draft tokens ({summary.num_accepted} accepted) from "
+        f"logged {summary.num_drafted} verified draft tokens ({summary.num_accepted} accepted) and "
+        f"{summary.num_trusted} trusted ones from "
         f"{summary.num_prompts} training prompts, {summary.num_tokens} generated tokens, "
         f"{summary.num_rounds} rounds, in {summary.wall_s:.0f} s -> {config.log_db}"
     )

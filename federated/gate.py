@@ -393,6 +393,22 @@ def read_log(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return features, labels, groups
 
 
+def read_logs(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`read_log` of several logs pooled; sessions stay apart (one group per log and session)."""
+    parts = [read_log(path) for path in paths]
+    parts = [part for part in parts if len(part[1])]
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(0, np.int64)
+    dims = {part[0].shape[1] for part in parts}
+    if len(dims) > 1:
+        raise ValueError(f"the logs hold features of different sizes {sorted(dims)} (different drafters)")
+    offsets = np.cumsum([0] + [int(part[2].max()) + 1 for part in parts[:-1]])
+    features = np.concatenate([part[0] for part in parts])
+    labels = np.concatenate([part[1] for part in parts])
+    groups = np.concatenate([part[2] + offset for part, offset in zip(parts, offsets, strict=True)])
+    return features, labels, groups
+
+
 def feature_names(feature_dim: int) -> list[str]:
     """Names of the input columns: the scalar features, then ``hidden.{i}``."""
     return list(SCALAR_FEATURES) + [f"hidden.{i}" for i in range(feature_dim - NUM_SCALAR_FEATURES)]
@@ -478,11 +494,17 @@ def format_report(result: GateTrainResult) -> str:
 def train_main(args: argparse.Namespace) -> int:
     """``tandem gate train``: read the device log, train, print the report, write the gate."""
     config = TrainConfig(holdout=args.holdout, seed=args.seed)
-    features, labels, groups = read_log(args.log)
-    logger.info("read %d labelled tokens of dim %d from %s", len(labels), features.shape[1], args.log)
-    if len(labels) < 4 or labels.all() or not labels.any():
-        print(f"gate train: need both accepted and rejected tokens in {args.log} (have {len(labels)})")
+    paths: list[Path] = args.log if isinstance(args.log, list) else [args.log]
+    try:
+        features, labels, groups = read_logs(paths)
+    except ValueError as error:
+        print(f"gate train: {error}")
         return 1
+    names = ", ".join(str(p) for p in paths)
+    if len(labels) < 4 or labels.all() or not labels.any():
+        print(f"gate train: need both accepted and rejected tokens in {names} (have {len(labels)})")
+        return 1
+    logger.info("read %d labelled tokens of dim %d from %s", len(labels), features.shape[1], names)
     result = train_gate(features, labels, groups, config)
     print(format_report(result))
     if args.out is not None:

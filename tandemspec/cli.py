@@ -195,7 +195,9 @@ def _evaluate_reference_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _gate_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log", type=Path, required=True, help="device log (SQLite)")
+    parser.add_argument(
+        "--log", type=Path, nargs="+", required=True, help="device log(s) (SQLite); several are pooled by session"
+    )
     parser.add_argument("--out", type=Path, help="edge bundle to write the gate into")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of tokens held out for evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
@@ -209,6 +211,10 @@ def _gate_collect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-length", type=int, default=8, help="fixed draft length of the lossless runs")
     parser.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
     parser.add_argument("--return-top-k", type=int, default=0, help="also log the target's top-k per token")
+    parser.add_argument(
+        "--mode", choices=["lossless", "gated"], default="lossless", help="gated: decode with the bundle's gate"
+    )
+    parser.add_argument("--gate-quality", type=float, help="gated: the gate's quality floor (default 0.9)")
 
 
 VERBS: tuple[Verb, ...] = (

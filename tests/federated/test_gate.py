@@ -198,3 +198,19 @@ def test_gate_train_into_a_bundle_lists_the_gate(
     assert bundle.gate_path is not None and GATE_JSON_NAME in bundle.manifest.files
     gate = TrustGate.from_choice(GateChoice("learned", quality=0.9), bundle.gate_path)
     assert 0.0 <= gate.threshold <= 1.0 and gate.max_position == 7
+
+
+def test_gate_train_pools_several_logs(tmp_path: Path) -> None:
+    """``--log A B``: both logs' tokens are used, and equal session names in two logs stay two sessions."""
+    from tandemspec.federated.gate import read_logs
+
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    _fill_log(first, num_rounds=100, seed=1)
+    _fill_log(second, num_rounds=60, seed=2)
+    features, labels, groups = read_logs([first, second])
+    assert len(labels) == 4 * 160 and features.shape[0] == len(labels)
+    assert len(np.unique(groups)) == 10 + 6  # ten rounds per session name, names repeat across logs
+    out = tmp_path / "gate"
+    assert main(["gate", "train", "--log", str(first), str(second), "--out", str(out)]) == 0
+    meta = json.loads((out / GATE_JSON_NAME).read_text())
+    assert meta["num_train"] + meta["num_holdout"] == 4 * 160
