@@ -66,3 +66,26 @@ def test_health_metrics_and_bad_input(api: tuple[ApiHandle, EdgeRuntime]) -> Non
         assert "tandem_edge_generated_tokens_total" in metrics and 'mode="local"' in metrics
         assert http.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 422
         assert http.post("/v1/completions", json={"prompt": ["a", "b"]}).status_code == 400
+
+
+def test_gated_requests(
+    api: tuple[ApiHandle, EdgeRuntime], tiny_bundle_dir: Callable[..., Path], verifier_for: Callable[[str], Any]
+) -> None:
+    """A request may ask for ``gated``: refused with 400 when the edge has no gate, served when it has one."""
+    handle, _ = api  # the tiny bundle has no gate.onnx, and no baseline was configured
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "mode": "gated"}
+    with httpx.Client(base_url=handle.base_url, timeout=60) as http:
+        refused = http.post("/v1/completions", json=body)
+        assert refused.status_code == 400 and "gate" in refused.json()["detail"]
+    config = EdgeConfig(
+        cloud=verifier_for("llama").address,
+        bundle=tiny_bundle_dir("llama"),
+        threads=1,
+        gate_kind="top1",
+        gate_threshold=0.0,
+        gate_check_every=0,
+    )
+    with EdgeRuntime(config) as runtime, start_api_in_thread(runtime) as gated, httpx.Client(timeout=60) as http:
+        reply = http.post(gated.base_url + "/v1/completions", json=body).json()
+        stats = reply["tandem_stats"]
+        assert stats["mode_used"] == "gated" and stats["num_trusted"] == 6 and stats["num_drafted"] == 0
