@@ -409,12 +409,8 @@ class _Generation:
         self.seq += 1
         self.stream.send(frame)
         self.stats.num_cloud_frames += 1
-        features = block.features
-        if committed_features is not None and features is not None:
-            features = np.concatenate([committed_features, features])
-        elif committed_features is not None:
-            features = committed_features
-        self.in_flight.append(_SentFrame(frame=frame, features=features))
+        parts = [f for f in (committed_features, block.features) if f is not None]
+        self.in_flight.append(_SentFrame(frame=frame, features=np.concatenate(parts) if parts else None))
 
     def _await_verdict(self, stream: DecodeStream) -> None:
         message = stream.recv()
@@ -552,7 +548,6 @@ class _Generation:
         committed_features = np.stack(self.trusted_features) if self.trusted_features else None
         self._send(self.cloud_length, block, expects_continuation, committed_ids, committed_features)
         self.trusted_features = []
-        self.cloud_length = len(self.committed)
         self._await_verdict(stream)
         if block.ids:
             self.checked_length = len(self.committed)

@@ -97,6 +97,7 @@ class SurvivalDraftLength:
 GateKind = Literal["learned", "entropy", "top1"]
 GATE_KINDS: tuple[GateKind, ...] = get_args(GateKind)
 GATE_JSON_NAME = "gate.json"
+DEFAULT_MAX_POSITION = 7  # the largest block position a gate.json without one is assumed to know
 _ENTROPY = SCALAR_FEATURES.index("entropy")
 _TOP1 = SCALAR_FEATURES.index("top1_prob")
 
@@ -243,10 +244,10 @@ class GateInfo:
     @classmethod
     def read(cls, path: Path | None) -> GateInfo:
         if path is None or not path.is_file():
-            return cls(curves={}, max_position=7)
+            return cls(curves={}, max_position=DEFAULT_MAX_POSITION)
         data = json.loads(path.read_text(encoding="utf-8"))
         curves = {kind: curve_from_json(rows) for kind, rows in data.get("operating_curves", {}).items()}
-        return cls(curves=curves, max_position=int(data.get("max_position", 7)))
+        return cls(curves=curves, max_position=int(data.get("max_position", DEFAULT_MAX_POSITION)))
 
 
 class TrustGate:
@@ -257,7 +258,9 @@ class TrustGate:
     The position feature is capped at ``max_position``, the largest the gate was trained on.
     """
 
-    def __init__(self, kind: GateKind, threshold: float, gate: OnnxGate | None = None, max_position: int = 7) -> None:
+    def __init__(
+        self, kind: GateKind, threshold: float, gate: OnnxGate | None = None, max_position: int = DEFAULT_MAX_POSITION
+    ) -> None:
         if kind == "learned" and gate is None:
             raise ValueError("the learned gate needs gate.onnx (a bundle with a gate, or --gate)")
         self.kind = kind

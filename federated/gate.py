@@ -59,6 +59,8 @@ _EPS = 1e-7
 # "scalar-mlp" reads only the scalar features (zero weights on the hidden state): with
 # few sessions the hidden state's dimensions invite overfitting, so it competes too.
 ModelKind = Literal["logistic", "mlp", "scalar-mlp"]
+# The published baselines the gate is compared with, by their trust-score kind (edge/gate.py).
+BASELINES: dict[GateKind, str] = {"top1": "drafter top-1 prob", "entropy": "drafter -entropy"}
 CANDIDATES: tuple[ModelKind, ...] = ("logistic", "mlp", "scalar-mlp")
 
 
@@ -360,20 +362,14 @@ def train_gate(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, con
     best = min(CANDIDATES, key=lambda kind: losses[kind])
     model = train_model(best, x_train, y_train, config)
     logger.info("gate candidates validation log-loss: %s; keeping %s", losses, best)
-    top1 = SCALAR_FEATURES.index("top1_prob")
-    entropy = SCALAR_FEATURES.index("entropy")
-    baselines = {"drafter top-1 prob": x_train[:, top1], "drafter -entropy": -x_train[:, entropy]}
-    held_scores = {"drafter top-1 prob": x_held[:, top1], "drafter -entropy": -x_held[:, entropy]}
     p_held = forward(model, x_held)
     reports = [score_report(f"gate ({best})", p_held, y_held)]
-    for name, scores in baselines.items():
-        calibration = platt_baseline(scores, y_train, config)
-        reports.append(score_report(name, forward(calibration, held_scores[name].reshape(-1, 1)), y_held))
-    curves: dict[GateKind, list[OperatingPoint]] = {
-        "learned": operating_curve("learned", p_held, y_held),
-        "entropy": operating_curve("entropy", trust_scores("entropy", x_held), y_held),
-        "top1": operating_curve("top1", trust_scores("top1", x_held), y_held),
-    }
+    curves: dict[GateKind, list[OperatingPoint]] = {"learned": operating_curve("learned", p_held, y_held)}
+    for kind, name in BASELINES.items():
+        held_scores = trust_scores(kind, x_held)
+        calibration = platt_baseline(trust_scores(kind, x_train), y_train, config)
+        reports.append(score_report(name, forward(calibration, held_scores.reshape(-1, 1)), y_held))
+        curves[kind] = operating_curve(kind, held_scores, y_held)
     max_position = int(x_train[:, SCALAR_FEATURES.index("position")].max())
     return GateTrainResult(model, len(train), len(held), losses, tuple(reports), curves, max_position)
 
@@ -494,7 +490,7 @@ def format_report(result: GateTrainResult) -> str:
 def train_main(args: argparse.Namespace) -> int:
     """``tandem gate train``: read the device log, train, print the report, write the gate."""
     config = TrainConfig(holdout=args.holdout, seed=args.seed)
-    paths: list[Path] = args.log if isinstance(args.log, list) else [args.log]
+    paths: list[Path] = args.log
     try:
         features, labels, groups = read_logs(paths)
     except ValueError as error:

@@ -118,8 +118,7 @@ class BenchConfig:
         for name in self.load_modes:
             find_mode(name)  # the load test runs fixed modes only
         for kind in self.gate_kinds:
-            if kind not in GATE_KINDS:
-                raise ValueError(f"unknown gate kind {kind!r}; known: {', '.join(GATE_KINDS)}")
+            GateChoice(kind)  # refuses an unknown kind
         if any(not 0.0 <= q <= 1.0 for q in self.gate_qualities):
             raise ValueError(f"gate quality floors must be in [0, 1], got {self.gate_qualities}")
         if GATED_FAMILY in self.modes and not (self.gate_kinds and self.gate_qualities):
