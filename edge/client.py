@@ -45,15 +45,47 @@ _CHANNEL_OPTIONS = [
 
 
 class CloudUnavailable(Exception):
-    """The verifier cannot be reached, did not answer in time, or the stream broke."""
+    """Transport loss: the verifier cannot be reached, did not answer in time, or the stream broke.
+
+    The generation continues locally and the client backs off before the next attempt.
+    """
 
 
-class CloudRefused(CloudUnavailable):
-    """The verifier answered with an error status (bad request, fingerprint mismatch, ...)."""
+class CloudBusy(CloudUnavailable):
+    """The verifier is full (``RESOURCE_EXHAUSTED`` at admission): this generation continues
+    locally, reported as such, but the verifier is healthy, so no backoff follows."""
+
+
+class CloudRefused(Exception):
+    """The verifier refused *this request* (its parameters, its tokenizer, a protocol error).
+
+    Not an outage: no fallback and no backoff. :meth:`HybridDecoder.generate` raises it, the
+    CLI exits non-zero, the local API answers with an HTTP error (400 for the request's own
+    invalid parameters).
+    """
 
     def __init__(self, code: grpc.StatusCode | None, message: str) -> None:
         super().__init__(f"{code.name if code else 'ERROR'}: {message}")
         self.code = code
+        self.message = message
+
+    @property
+    def is_invalid_request(self) -> bool:
+        """The request's own parameters were refused (an HTTP 400 at the local API)."""
+        return self.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+
+
+class TokenizerMismatch(CloudRefused):
+    """The edge bundle's tokenizer is not the verifier's (``FAILED_PRECONDITION``): a deployment error."""
+
+    def __init__(self, edge_fingerprint: str, cloud_fingerprint: str) -> None:
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the edge bundle's tokenizer (fingerprint {edge_fingerprint}) is not the verifier's "
+            f"(fingerprint {cloud_fingerprint}): edge and cloud must share one tokenizer",
+        )
+        self.edge_fingerprint = edge_fingerprint
+        self.cloud_fingerprint = cloud_fingerprint
 
 
 @dataclass(frozen=True)
@@ -164,9 +196,7 @@ class DecodeStream:
             self._responses.put(_END)
             code = item.code() if isinstance(item, grpc.Call) else None
             details = item.details() if isinstance(item, grpc.Call) else str(item)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                raise CloudUnavailable(f"stream broke: {code.name if code else ''} {details}")
-            raise CloudRefused(code, details or "")
+            raise _status_error(code, details or "")
         assert isinstance(item, pb.CloudFrame)
         self.bytes_down += len(item.SerializeToString())
         self.frames_down += 1
@@ -175,8 +205,7 @@ class DecodeStream:
         except CodecError as error:
             raise CloudRefused(None, f"malformed cloud frame: {error}") from error
         if isinstance(message, pb.Error):
-            code = _status_code(message.status_code)
-            raise CloudRefused(code, f"{message.message} (frame {message.seq})")
+            raise _status_error(_status_code(message.status_code), f"{message.message} (frame {message.seq})")
         return message
 
     def close(self, cancel: bool = False) -> None:
@@ -189,6 +218,18 @@ class DecodeStream:
         """Wait until the verifier has ended the stream; True when it has."""
         self._reader.join(timeout_s)
         return not self._reader.is_alive()
+
+
+_TRANSPORT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def _status_error(code: grpc.StatusCode | None, details: str) -> Exception:
+    """The exception a status from the verifier stands for: outage, full, or a refusal of this request."""
+    if code in _TRANSPORT_CODES:
+        return CloudUnavailable(f"stream broke: {code.name if code else ''} {details}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return CloudBusy(f"verifier busy: {details}")
+    return CloudRefused(code, details)
 
 
 def _status_code(value: int) -> grpc.StatusCode | None:
@@ -237,7 +278,17 @@ class VerifierClient:
                 grpc.channel_ready_future(channel).result(timeout=self.config.connect_timeout_s)
                 stub = pb_grpc.VerifierStub(channel)
                 response = stub.Info(pb.InfoRequest(), timeout=self.config.info_timeout_s, metadata=self._metadata)
-            except (grpc.FutureTimeoutError, grpc.RpcError) as error:
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else None
+                if code is not None and code not in _TRANSPORT_CODES:  # it answered: a refusal, not an outage
+                    raise CloudRefused(
+                        code, f"the verifier at {self.config.address} refused Info: {_describe(error)}"
+                    ) from error
+                self._fail_locked()
+                raise CloudUnavailable(
+                    f"cannot reach the verifier at {self.config.address}: {_describe(error)}"
+                ) from error
+            except grpc.FutureTimeoutError as error:
                 self._fail_locked()
                 raise CloudUnavailable(
                     f"cannot reach the verifier at {self.config.address}: {_describe(error)}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tandemspec.config import ConfigError
 from tandemspec.edge.bundle import BundleError
+from tandemspec.edge.client import CloudRefused
 from tandemspec.edge.decoder import GenerationRequest
 from tandemspec.edge.runtime import EdgeConfig, EdgeRuntime, config_from_args
 from tandemspec.edge.stats import GenerationResult
@@ -84,7 +85,11 @@ def generate_main(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens,
                 stop_strings=tuple(args.stop or ()),
             )
-            result = runtime.decoder.generate(request)
+            try:
+                result = runtime.decoder.generate(request)
+            except CloudRefused as error:  # this request was refused: an error, never a silent local answer
+                print(f"tandem edge generate: the verifier refused the request: {error}", file=sys.stderr)
+                return 1
             if args.json:
                 print(json.dumps(result_record(prompt, result)), flush=True)
             else:

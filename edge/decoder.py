@@ -39,7 +39,14 @@ from typing import Protocol
 
 import numpy as np
 
-from tandemspec.edge.client import CloudRefused, CloudUnavailable, DecodeStream, VerifierClient
+from tandemspec.edge.client import (
+    CloudBusy,
+    CloudRefused,
+    CloudUnavailable,
+    DecodeStream,
+    TokenizerMismatch,
+    VerifierClient,
+)
 from tandemspec.edge.devicelog import DeviceLog, RoundRecord, TokenRecord
 from tandemspec.edge.drafter import OnnxDrafter
 from tandemspec.edge.features import token_features
@@ -102,9 +109,12 @@ class GenerationRequest:
 class DraftPolicy(Protocol):
     """Decides, per drafted token, whether to draft another (the uncertainty gate plugs in here)."""
 
-    def keep_drafting(self, index: int, logits: np.ndarray, hidden: np.ndarray) -> bool:
-        """``index``: tokens drafted so far in this block; ``logits`` [vocab] and ``hidden`` [hidden]:
-        the drafter's outputs that produced the last of them (what the gate's features describe)."""
+    uses_features: bool  # whether keep_drafting reads ``features`` (computed only then, or when logging)
+
+    def keep_drafting(self, index: int, features: np.ndarray | None) -> bool:
+        """``index``: tokens drafted so far in this block; ``features`` [1, feature_dim]: the gate's
+        features of the last of them (:func:`~tandemspec.edge.features.token_features`), or None
+        when the policy does not use them."""
         ...
 
 
@@ -113,8 +123,9 @@ class FixedLength:
     """Draft exactly ``length`` tokens per block."""
 
     length: int
+    uses_features: bool = False
 
-    def keep_drafting(self, index: int, logits: np.ndarray, hidden: np.ndarray) -> bool:
+    def keep_drafting(self, index: int, features: np.ndarray | None) -> bool:
         return index < self.length
 
 
@@ -221,44 +232,53 @@ class _Generation:
             return
         try:
             info = client.ensure_connected()
-            if info.tokenizer_fingerprint != self.drafter.manifest.tokenizer_fingerprint:
-                raise CloudRefused(None, "the verifier's tokenizer differs from the bundle's")
+            edge_fingerprint = self.drafter.manifest.tokenizer_fingerprint
+            if info.tokenizer_fingerprint != edge_fingerprint:
+                raise TokenizerMismatch(edge_fingerprint, info.tokenizer_fingerprint)
+            self.limits = info.limits
             if self.mode == "cloud":
-                self._run_generate(info.limits.max_new_tokens)
+                self._run_generate()
             else:
-                stream = self._open_verify(info.limits)
+                self._size_verify(info.limits)
                 if self.mode == "gated":
-                    self._run_gated(stream, info.limits.max_draft_tokens)
+                    self._run_gated(info.limits.max_draft_tokens)
                 else:
-                    self._run_lossless(stream)
+                    self._run_lossless()
             self.stats.mode_used = self.mode
+        except CloudBusy as error:  # the verifier is healthy but full: this request only goes local
+            self._fall_back(str(error), "busy")
         except CloudUnavailable as error:
             if self.stream is not None:
                 client.record_failure()
-            self._fall_back(str(error))
+            self._fall_back(str(error), "unavailable")
         finally:
             self._close_stream()
 
-    def _fall_back(self, reason: str) -> None:
+    def _fall_back(self, reason: str, kind: str = "unavailable") -> None:
         logger.warning("continuing locally after %d tokens: %s", len(self.committed) - self.prompt_length, reason)
         self.stats.fell_back_to_local = True
+        self.stats.fallback_kind = kind
         self.stats.fallback_reason = reason
         self.stats.fallback_at_token = len(self.committed) - self.prompt_length
 
-    def _close_stream(self) -> None:
+    def _close_stream(self, reason: str | None = None) -> None:
+        """End the current session: normally (``reason`` or the finish reason), else abort the call."""
         if self.stream is None:
             return
-        finished = self.finish_reason is not None
-        if finished:  # a normal end: say so and let the verifier close the stream
-            self.stream.send(SessionClose(reason=self.finish_reason or ""))
+        reason = reason or self.finish_reason
+        if reason is not None:  # a normal end: say so and let the verifier close the stream
+            self.stream.send(SessionClose(reason=reason))
         self.stats.add_stream(self.stream)
-        self.stream.close(cancel=not finished)  # a failure or an exception: abort the call
+        self.stream.close(cancel=reason is None)  # a failure or an exception: abort the call
+        self.stream = None
 
     # -- sessions ---------------------------------------------------------------------
 
     def _open(self, kind: SessionKind, max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> DecodeStream:
+        """Open a session from the committed sequence, asking for ``max_new_tokens`` more."""
         assert self.decoder.client is not None
         self.stream = self.decoder.client.open_stream()
+        self.stats.num_sessions += 1
         self.stream.send(
             SessionOpen(
                 prompt_ids=tuple(self.committed),
@@ -278,44 +298,82 @@ class _Generation:
         self.stats.prefill_ms += ready.prefill_ms
         return self.stream
 
-    def _run_generate(self, cloud_max_new: int) -> None:
-        """Cloud-only mode: the target generates, the edge streams what arrives."""
-        budget = self.limit - len(self.committed)
-        stream = self._open(SessionKind.GENERATE, min(budget, cloud_max_new or budget), tuple(self.eos))
-        while self.finish_reason is None:
-            message = stream.recv()
-            if isinstance(message, GeneratedTokens):
-                self.stats.verify_compute_s += message.compute_ms / 1000
-                self.stats.num_target_passes += len(message.ids)
-                self._emit(list(message.ids))
-            elif isinstance(message, SessionDone):
-                self.finish_reason = self.finish_reason or ("stop" if self.committed[-1] in self.eos else "length")
-            else:
-                raise CloudRefused(None, f"unexpected {type(message).__name__} in a generate session")
+    def _run_generate(self) -> None:
+        """Cloud-only mode: the target generates, the edge streams what arrives.
 
-    def _open_verify(self, limits: Limits) -> DecodeStream:
-        """Open a VERIFY session sized within the verifier's limits (lossless and gated)."""
+        A request longer than the verifier's ``max_new_tokens`` continues in a fresh session
+        from what has been generated so far.
+        """
+        cloud_max_new = self.limits.max_new_tokens
+        if self.limits.max_context_tokens:
+            self.limit = min(self.limit, self.limits.max_context_tokens - 1)
+        while self.finish_reason is None:
+            budget = self.limit - len(self.committed)
+            if budget <= 0:
+                self.finish_reason = "length"
+                break
+            stream = self._open(SessionKind.GENERATE, min(budget, cloud_max_new or budget), tuple(self.eos))
+            while self.finish_reason is None:
+                message = stream.recv()
+                if isinstance(message, GeneratedTokens):
+                    self.stats.verify_compute_s += message.compute_ms / 1000
+                    self.stats.num_target_passes += len(message.ids)
+                    self._emit(list(message.ids))
+                elif isinstance(message, SessionDone):
+                    if self.committed[-1] in self.eos:
+                        self.finish_reason = "stop"
+                    break  # the session's share is done: the outer loop opens the next one if room is left
+                else:
+                    raise CloudRefused(None, f"unexpected {type(message).__name__} in a generate session")
+            self._close_stream(reason=self.finish_reason or "renew")
+
+    # -- verify sessions: sized to the verifier's limits, renewed past them ---------------
+
+    def _size_verify(self, limits: Limits) -> None:
+        """Fit draft length, q support and the generation's length to the verifier's limits."""
         config = self.decoder.config
         self.max_draft = max(1, min(config.draft_length, limits.max_draft_tokens or config.draft_length))
         self.max_support = max(1, min(config.max_support, limits.max_support or config.max_support))
         if limits.max_context_tokens:
             self.limit = min(self.limit, limits.max_context_tokens - 1)  # the correction/bonus may add one more
-        wanted = self.limit - self.prompt_length + 1  # the last correction/bonus may pass the limit
-        cloud_max_new = limits.max_new_tokens
-        stream = self._open(SessionKind.VERIFY, min(wanted, cloud_max_new) if cloud_max_new else wanted)
+        self._open_verify()
+
+    def _open_verify(self) -> None:
+        """Open a VERIFY session from the committed sequence (lossless and gated).
+
+        A session may grow by the verifier's ``max_new_tokens`` (its budget adds one frame and
+        a correction on top): the edge never drafts past ``session_limit``, and a generation
+        longer than that continues in a fresh session (:meth:`_renew_verify`) instead of being
+        refused mid-stream.
+        """
+        wanted = self.limit - len(self.committed) + 1  # the last correction/bonus may pass the limit
+        cloud_max_new = self.limits.max_new_tokens
+        granted = min(wanted, cloud_max_new) if cloud_max_new else wanted
+        self._open(SessionKind.VERIFY, granted)
+        self.session_limit = min(self.limit, len(self.committed) + granted)
         self.epoch, self.seq = 0, 0
         self.in_flight: deque[_SentFrame] = deque()
-        return stream
 
-    def _run_lossless(self, stream: DecodeStream) -> None:
+    def _renew_verify(self) -> bool:
+        """At the session's limit: close it and open the next one, if the generation has room left."""
+        if self.session_limit >= self.limit:
+            return False
+        self._close_stream(reason="renew")
+        self._open_verify()
+        return True
+
+    def _run_lossless(self) -> None:
         """Lossless speculative decoding, pipelined when configured."""
         self._sync_drafter(self.committed)
         while self.finish_reason is None:
             self._fill_pipeline()
             if not self.in_flight:
+                if self._renew_verify():
+                    continue
                 self.finish_reason = "length"  # no room left to draft
                 break
-            self._await_verdict(stream)
+            assert self.stream is not None
+            self._await_verdict(self.stream)
 
     # -- lossless steps: draft -> send -> await verdict -> commit -------------------------
 
@@ -335,16 +393,24 @@ class _Generation:
             if live and not live[-1].frame.expects_continuation:
                 return  # the last live frame ends the generation if accepted
             tip = self._tip()
-            room = self.limit - len(tip)
+            room = self.session_limit - len(tip)
             if room <= 0:
                 return
-            block = self._draft(tip, min(self.max_draft, room))
-            is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.limit
+            block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
+            is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
             self._send(len(tip), block, expects_continuation=self.decoder.config.pipeline and not is_last)
 
-    def _draft(self, tip: list[int], max_tokens: int, first: tuple[np.ndarray, np.ndarray] | None = None) -> _Block:
+    def _draft(
+        self,
+        tip: list[int],
+        max_tokens: int,
+        since_check: int,
+        first: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> _Block:
         """Draft up to ``max_tokens`` tokens after ``tip`` (the drafter then lacks only the last).
 
+        ``since_check``: tokens between the last verified point and the first drafted token
+        (the gate's ``position`` feature of that token; the next ones count on from it).
         ``first``: the drafter's (logits, hidden) rows for the position after ``tip``, when
         the caller already ran it (gated mode); else the drafter is extended here.
         """
@@ -354,31 +420,27 @@ class _Generation:
             logits_row, hidden_row = logits[-1], hidden[-1]
         else:
             logits_row, hidden_row = first
+        policy = self.decoder.policy
+        with_features = self.decoder.log is not None or policy.uses_features
         ids: list[int] = []
         dists: list[SparseDist] = []
-        rows: list[tuple[np.ndarray, np.ndarray]] = []
+        rows: list[np.ndarray] = []
         while True:
             token, dist = self._pick(logits_row, len(tip) + len(ids))
+            features = None
+            if with_features:
+                features = token_features(logits_row[None], hidden_row[None], np.array([since_check + len(ids)]))
+                rows.append(features[0])
             ids.append(token)
             if dist is not None:
                 dists.append(dist)
-            if self.decoder.log is not None:
-                rows.append((logits_row, hidden_row))
-            if (
-                token in self.eos
-                or len(ids) >= max_tokens
-                or not self.decoder.policy.keep_drafting(len(ids), logits_row, hidden_row)
-            ):
+            if token in self.eos or len(ids) >= max_tokens or not policy.keep_drafting(len(ids), features):
                 break
             logits, hidden = self.drafter.extend([token])
             logits_row, hidden_row = logits[-1], hidden[-1]
-        features = None
-        if rows:
-            features = token_features(
-                np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), np.arange(len(rows))
-            )
+        block_features = np.stack(rows) if rows and self.decoder.log is not None else None
         self.stats.draft_s += time.perf_counter() - start
-        return _Block(ids=ids, dists=dists, features=features, ends_with_eos=ids[-1] in self.eos)
+        return _Block(ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos)
 
     def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
         """The drafted token at ``position`` and, when sampling, the exact truncated q it came from."""
@@ -490,7 +552,7 @@ class _Generation:
 
     # -- gated: trust or doubt each drafted token ---------------------------------------
 
-    def _run_gated(self, stream: DecodeStream, max_frame_tokens: int) -> None:
+    def _run_gated(self, max_frame_tokens: int) -> None:
         """Emit what the gate trusts; have the cloud verify from the first token it doubts."""
         gate = self.decoder.gate
         assert gate is not None
@@ -501,10 +563,16 @@ class _Generation:
         self.checked_length = len(self.committed)  # end of the last verified block
         self.trusted_features: list[np.ndarray] = []  # of committed tokens not yet sent (when logging)
         while self.finish_reason is None:
-            if len(self.committed) >= self.limit:
+            if len(self.committed) >= self.session_limit:
+                # Trusted tokens not yet sent become part of the next session's prompt (unlabelled).
+                if self._renew_verify():
+                    self.trusted_features = []
+                    self.cloud_length = self.checked_length = len(self.committed)
+                    continue
                 self.finish_reason = "length"
                 break
-            self._gated_round(stream, gate, every)
+            assert self.stream is not None
+            self._gated_round(self.stream, gate, every)
 
     def _gated_round(self, stream: DecodeStream, gate: TrustGate, every: int) -> None:
         """Trust tokens one by one until the gate doubts one or a check is due, then verify a block."""
@@ -532,14 +600,14 @@ class _Generation:
                 self.trusted_features.append(features[0])
             self.stats.num_trusted += 1
             self._emit([token])
-            if self.finish_reason is not None or len(self.committed) >= self.limit:
-                return  # the generation ended on trusted tokens; they are never sent
+            if self.finish_reason is not None or len(self.committed) >= self.session_limit:
+                return  # the generation (or the session) ended on trusted tokens; they are never sent
             start = time.perf_counter()
             logits, hidden = self.drafter.extend([token])
             row, hidden_row = logits[-1], hidden[-1]
             self.stats.draft_s += time.perf_counter() - start
-        room = self.limit - len(self.committed)
-        block = self._draft(self.committed, min(self.max_draft, room), first=(row, hidden_row))
+        room = self.session_limit - len(self.committed)
+        block = self._draft(self.committed, min(self.max_draft, room), since_check, first=(row, hidden_row))
         self._send_gated(stream, block, expects_continuation=False)  # not pipelined: the verdict brings the bonus
 
     def _send_gated(self, stream: DecodeStream, block: _Block, expects_continuation: bool) -> None:

@@ -10,8 +10,14 @@ distribution at that position plus the drafter's last hidden state:
 ``margin``
     top-1 minus top-2 probability.
 ``position``
-    Index of the token within its draft block (0 = first), since acceptance of later
-    tokens is conditional on earlier ones.
+    Tokens since the last check: how many tokens lie between the last point the cloud
+    verified and this token (0 = the first token after it), since acceptance of later
+    tokens is conditional on earlier ones. One definition in every mode, for logging,
+    training and use: in ``lossless`` it is the index in the draft block, counting on
+    through the blocks of a pipelined frame still in flight; in ``gated`` it counts the
+    trusted tokens since the last verified block, and a doubted token keeps the position
+    the gate scored it at when the cloud is asked to verify from it. The gate clamps it to
+    the largest position it was trained on (:class:`~tandemspec.edge.gate.OnnxGate`).
 
 Statistics are taken on the *raw* distribution (temperature 1, no truncation) so the
 gate's inputs do not depend on a request's sampling settings.

@@ -44,9 +44,15 @@ OUTPUT_NAME = "p_accept"
 
 
 class OnnxGate:
-    """A gate graph on the CPU provider; :meth:`predict` maps features to accept probabilities."""
+    """A gate graph on the CPU provider; :meth:`predict` maps features to accept probabilities.
 
-    def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
+    The ``position`` feature (tokens since the last check, :mod:`tandemspec.edge.features`)
+    is clamped to ``max_position``, the largest the gate was trained on (``gate.json``
+    beside the graph says it): callers pass, log and train on the raw features, and the
+    clamp belongs to the model, like a normalisation.
+    """
+
+    def __init__(self, path: Path, intra_op_threads: int = 1, max_position: int | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -56,13 +62,18 @@ class OnnxGate:
             raise ValueError(f"{path}: a gate graph takes '{INPUT_NAME}' and returns '{OUTPUT_NAME}'")
         dim = inputs[0].shape[1]
         self.feature_dim = dim if isinstance(dim, int) else None
-        logger.debug("loaded gate %s (feature dim %s)", path, self.feature_dim)
+        if max_position is None:
+            info_path = path.with_name(GATE_JSON_NAME)
+            max_position = GateInfo.read(info_path if info_path.is_file() else None).max_position
+        self.max_position = max_position
+        logger.debug("loaded gate %s (feature dim %s, max position %d)", path, self.feature_dim, max_position)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Accept probability per row: features [n, dim] -> [n] float32."""
-        x = np.ascontiguousarray(features, dtype=np.float32)
+        x = np.array(features, dtype=np.float32)  # a copy: the position column is clamped in place
         if x.ndim != 2 or (self.feature_dim is not None and x.shape[1] != self.feature_dim):
             raise ValueError(f"gate expects features [n, {self.feature_dim}], got {x.shape}")
+        np.minimum(x[:, _POSITION], self.max_position, out=x[:, _POSITION])
         (p_accept,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
         return np.asarray(p_accept, np.float32).reshape(len(x))
 
@@ -75,6 +86,8 @@ class SurvivalDraftLength:
     ``min_survival``, or at ``max_length``. A :class:`~tandemspec.edge.decoder.DraftPolicy`.
     """
 
+    uses_features = True
+
     def __init__(self, gate: OnnxGate, min_survival: float, max_length: int) -> None:
         if not 0.0 <= min_survival <= 1.0:
             raise ValueError(f"min_survival must be in [0, 1], got {min_survival}")
@@ -85,11 +98,12 @@ class SurvivalDraftLength:
         self.max_length = max_length
         self._survival = 1.0
 
-    def keep_drafting(self, index: int, logits: np.ndarray, hidden: np.ndarray) -> bool:
-        """``index`` tokens drafted in this block; ``logits``/``hidden`` produced the last of them."""
+    def keep_drafting(self, index: int, features: np.ndarray | None) -> bool:
+        """``index`` tokens drafted in this block; ``features`` [1, feature_dim] of the last of them."""
+        if features is None:
+            raise ValueError("SurvivalDraftLength needs the drafted token's features")
         if index == 1:  # a new block
             self._survival = 1.0
-        features = token_features(logits[None], hidden[None], np.array([index - 1]))  # [1, feature_dim]
         self._survival *= float(self.gate.predict(features)[0])
         return index < self.max_length and self._survival >= self.min_survival
 
@@ -100,6 +114,7 @@ GATE_JSON_NAME = "gate.json"
 DEFAULT_MAX_POSITION = 7  # the largest block position a gate.json without one is assumed to know
 _ENTROPY = SCALAR_FEATURES.index("entropy")
 _TOP1 = SCALAR_FEATURES.index("top1_prob")
+_POSITION = SCALAR_FEATURES.index("position")
 
 
 def trust_scores(kind: GateKind, features: np.ndarray, gate: OnnxGate | None = None) -> np.ndarray:
@@ -255,18 +270,14 @@ class TrustGate:
 
     ``threshold`` is on the kind's own scale: p(accept) for ``learned``, the top-1
     probability for ``top1``, entropy in nats for ``entropy`` (trusted when at or below it).
-    The position feature is capped at ``max_position``, the largest the gate was trained on.
     """
 
-    def __init__(
-        self, kind: GateKind, threshold: float, gate: OnnxGate | None = None, max_position: int = DEFAULT_MAX_POSITION
-    ) -> None:
+    def __init__(self, kind: GateKind, threshold: float, gate: OnnxGate | None = None) -> None:
         if kind == "learned" and gate is None:
             raise ValueError("the learned gate needs gate.onnx (a bundle with a gate, or --gate)")
         self.kind = kind
         self.threshold = threshold
         self.gate = gate
-        self.max_position = max_position
         self._cut = score_threshold(kind, threshold)
 
     @classmethod
@@ -277,15 +288,14 @@ class TrustGate:
         if choice.kind == "learned":
             if gate_path is None or not gate_path.is_file():
                 raise ValueError("the learned gate needs gate.onnx (a bundle with a gate, or --gate)")
-            gate = OnnxGate(gate_path)
+            gate = OnnxGate(gate_path, max_position=info.max_position)
         threshold = choice.resolve(info.curves.get(choice.kind))
         logger.info("gated mode: %s gate, threshold %.4g", choice.kind, threshold)
-        return cls(choice.kind, threshold, gate, info.max_position)
+        return cls(choice.kind, threshold, gate)
 
     def features(self, logits: np.ndarray, hidden: np.ndarray, position: int) -> np.ndarray:
-        """The feature row [1, dim] of one drafted position (``position`` is capped)."""
-        capped = min(position, self.max_position)
-        return token_features(logits[None], hidden[None], np.array([capped]))
+        """The feature row [1, dim] of one drafted position; ``position``: tokens since the last check."""
+        return token_features(logits[None], hidden[None], np.array([position]))
 
     def trusts(self, features: np.ndarray) -> bool:
         """Whether the token these features [1, dim] describe may be emitted without the cloud."""

@@ -45,8 +45,10 @@ class GenerationStats:
     prefill_ms: float  # the cloud's prompt prefill
     wall_s: float
     fell_back_to_local: bool
+    fallback_kind: str  # "" (no switch), "unavailable" (transport loss: backs off) or "busy" (verifier full)
     fallback_reason: str
     fallback_at_token: int  # tokens generated before the switch to local (-1 = no switch)
+    num_sessions: int  # verifier sessions used (a request past the verifier's max_new_tokens renews its session)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,8 +78,10 @@ class StatsCounter:
         self.prefill_ms = 0.0
         self.wall_s = 0.0
         self.fell_back_to_local = False
+        self.fallback_kind = ""
         self.fallback_reason = ""
         self.fallback_at_token = -1
+        self.num_sessions = 0
 
     def add_verdict(self, num_draft: int, verdict: Verdict) -> None:
         """Count one authoritative (non-stale) verdict."""
@@ -122,8 +126,10 @@ class StatsCounter:
             prefill_ms=self.prefill_ms,
             wall_s=self.wall_s,
             fell_back_to_local=self.fell_back_to_local,
+            fallback_kind=self.fallback_kind,
             fallback_reason=self.fallback_reason,
             fallback_at_token=self.fallback_at_token,
+            num_sessions=self.num_sessions,
         )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tandemspec.edge.client import Backoff, ClientConfig, CloudUnavailable, VerifierClient
+from tandemspec.edge.client import Backoff, ClientConfig, CloudRefused, CloudUnavailable, VerifierClient
 
 
 class FakeClock:
@@ -73,8 +73,9 @@ def test_bearer_token(tiny_model_dir: Callable[..., Path]) -> None:
         good = VerifierClient(ClientConfig(address=handle.address, auth_token="s3cret"))
         assert good.ensure_connected().vocab_size == 384
         bad = VerifierClient(ClientConfig(address=handle.address, auth_token="wrong"))
-        with pytest.raises(CloudUnavailable, match="UNAUTHENTICATED"):
+        with pytest.raises(CloudRefused, match="UNAUTHENTICATED"):  # a refusal: no fallback, no backoff
             bad.ensure_connected()
+        assert bad.backoff.failures == 0
         good.close()
         bad.close()
 

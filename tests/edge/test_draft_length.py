@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tandemspec.edge.features import token_features
 from tandemspec.edge.gate import SurvivalDraftLength
 from tandemspec.edge.runtime import EdgeConfig, EdgeRuntime
 
@@ -30,7 +31,7 @@ def drafted_lengths(policy: SurvivalDraftLength, blocks: int) -> list[int]:
     lengths = []
     for _ in range(blocks):
         index = 1
-        while policy.keep_drafting(index, logits, hidden):
+        while policy.keep_drafting(index, token_features(logits[None], hidden[None], np.array([index - 1]))):
             index += 1
         lengths.append(index)
     return lengths
@@ -42,7 +43,7 @@ def test_block_stops_when_survival_falls_below_threshold() -> None:
     gate = ScriptedGate([0.9, 0.9, 0.5, 0.4])
     policy = SurvivalDraftLength(gate, min_survival=0.5, max_length=8)  # type: ignore[arg-type]
     assert drafted_lengths(policy, 2) == [3, 1]
-    # The gate sees the features of the token just drafted; feature 3 is its position in the block.
+    # The gate sees the features the loop hands it (of the token just drafted; feature 3 is its position).
     assert [int(f[0, 3]) for f in gate.seen] == [0, 1, 2, 0]
     assert gate.seen[0].shape == (1, 4 + 6)
 

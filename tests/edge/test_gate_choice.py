@@ -79,8 +79,8 @@ def test_entropy_threshold_is_in_nats_and_trusts_low_entropy() -> None:
     top1 = TrustGate("top1", threshold=0.5)
     assert top1.trusts(token_features(peaked[None], hidden[None], np.array([0])))
     assert not top1.trusts(token_features(flat[None], hidden[None], np.array([0])))
-    # Positions past what the gate was trained on are capped.
-    assert TrustGate("top1", 0.5, max_position=7).features(peaked, hidden, 30)[0, 3] == 7
+    # The features are raw (as logged and trained on): the learned gate clamps positions itself.
+    assert TrustGate("top1", 0.5).features(peaked, hidden, 30)[0, 3] == 30
 
 
 def test_choices_are_exclusive_and_need_a_curve() -> None:

@@ -197,7 +197,7 @@ def test_gate_train_into_a_bundle_lists_the_gate(
     bundle = load_bundle(bundle_dir)  # hashes verified: the manifest lists the new files
     assert bundle.gate_path is not None and GATE_JSON_NAME in bundle.manifest.files
     gate = TrustGate.from_choice(GateChoice("learned", quality=0.9), bundle.gate_path)
-    assert 0.0 <= gate.threshold <= 1.0 and gate.max_position == 7
+    assert 0.0 <= gate.threshold <= 1.0 and gate.gate is not None and gate.gate.max_position == 7
 
 
 def test_gate_train_pools_several_logs(tmp_path: Path) -> None:
