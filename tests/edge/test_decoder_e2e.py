@@ -7,6 +7,7 @@ not always, accepted: both the accept and the reject/rollback paths run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,15 +72,55 @@ def test_local_mode_is_drafter_greedy(
     assert result.stats.bytes_up == 0 and result.stats.num_local_tokens == 16
 
 
-def test_sampling_follows_the_target_distribution(
-    make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_for: Callable[[str], Any]
-) -> None:
-    """Many seeds, two tokens each: the empirical distributions of the first token and of the
-    second token (marginal) match the target's exact ones, not the drafter's.
+def _pit_ks(
+    target: Any, drafter: Any, prompt: tuple[int, ...], sequences: list[tuple[int, ...]], params: SamplingParams
+) -> float:
+    """Kolmogorov-Smirnov distance from uniform of the randomised PIT of every sampled token.
 
-    For this prompt the drafter's first-token distribution is ~0.36 away (TV) from the
-    target's; a correct sampler's expected TV is ~0.4 * sum_k sqrt(p_k (1 - p_k) / n), and
-    the threshold sits at 0.6 * that sum (a few standard deviations above).
+    Under the target's conditionals p(. | prefix) (Rosenblatt's transform), u = F(x-) + V p(x)
+    with V ~ U(0, 1) is i.i.d. uniform over all positions of all sequences exactly when the
+    sequences follow the target's joint distribution, whatever fixed order of the vocabulary
+    F uses at each prefix. Ordering by the drafter/target ratio q/p makes the test sharp
+    against the likeliest failure (output pulled toward the drafter's q): those samples
+    crowd at the high end.
+    """
+    import torch
+
+    from tandemspec.sampling import process_logits
+
+    rng = np.random.default_rng(0)
+    values = []
+    with torch.no_grad():
+        for tokens in sequences:
+            ids = torch.tensor([[*prompt, *tokens]])
+            rows = slice(len(prompt) - 1, -1)
+            p = process_logits(target(ids).logits[0, rows].numpy(), params)  # [len(tokens), vocab]
+            q = process_logits(drafter(ids).logits[0, rows].numpy(), params)  # [len(tokens), vocab]
+            order = np.argsort(q / np.maximum(p, 1e-30), axis=-1, kind="stable")  # [len(tokens), vocab]
+            for row, token in enumerate(tokens):
+                ordered = p[row, order[row]]
+                rank = int(np.flatnonzero(order[row] == token)[0])
+                values.append(ordered[:rank].sum() + rng.random() * p[row, token])
+    u = np.sort(np.asarray(values))
+    n = len(u)
+    return float(max((np.arange(1, n + 1) / n - u).max(), (u - np.arange(n) / n).max()))
+
+
+def test_pipelined_sampling_follows_the_target_distribution(
+    make_decoder: Callable[..., HybridDecoder],
+    verifier_for: Callable[[str], Any],
+    target_for: Callable[[str], Any],
+    tiny_model_dir: Callable[..., Path],
+) -> None:
+    """Many seeds, 12 tokens each, pipelined (stale frames happen): the output follows the target.
+
+    Two checks. The empirical distributions of the first token and of the second token
+    (marginal) match the target's exact ones: for this prompt the drafter's first-token
+    distribution is ~0.36 away (TV) from the target's; a correct sampler's expected TV is
+    ~0.4 * sum_k sqrt(p_k (1 - p_k) / n), and the threshold sits at 0.6 * that sum (a few
+    standard deviations above). And over all 12 positions, the randomised PIT under the
+    target's conditionals is uniform (KS distance under its 0.1% critical value,
+    1.95 / sqrt(N)), while the drafter's own samples fail the same test (power).
     """
     import torch
 
@@ -87,16 +128,24 @@ def test_sampling_follows_the_target_distribution(
 
     params = SamplingParams(temperature=1.0, top_k=20)
     address = verifier_for("llama").address
-    decoders = [make_decoder("llama", address, draft_length=3, pipeline=p) for p in (True, False)]
-    prompt = decoders[0].tokenizer.encode_prompt("import os\n")
-    n = 400
-    samples = []
+    decoder = make_decoder("llama", address, draft_length=3, pipeline=True)
+    local = make_decoder("llama", None, mode="local")
+    prompt = decoder.tokenizer.encode_prompt("import os\n")
+    n, length = 300, 12
+    samples, drafter_samples = [], []
+    num_stale = 0
     for seed in range(n):
         sampling = SamplingParams(params.temperature, params.top_p, params.top_k, seed)
-        request = GenerationRequest(prompt_ids=prompt, max_new_tokens=2, sampling=sampling)
-        result = decoders[seed % 2].generate(request)  # half pipelined, half not
+        request = GenerationRequest(prompt_ids=prompt, max_new_tokens=length, sampling=sampling)
+        result = decoder.generate(request)
         assert not result.stats.fell_back_to_local
+        num_stale += result.stats.num_stale_frames
         samples.append(result.token_ids)
+        if seed < 150:
+            drafter_samples.append(local.generate(request).token_ids)
+    assert num_stale > 0, "the test must exercise pipelined frames made stale by rejections"
+    # A few stop early at EOS; the PIT takes every sampled token, EOS included.
+    assert sum(len(s) == length for s in samples) > 0.9 * n
     target = target_for("llama")
     with torch.no_grad():
         first = process_logits(target(torch.tensor([prompt])).logits[0, -1].numpy(), params)  # [vocab]
@@ -110,6 +159,15 @@ def test_sampling_follows_the_target_distribution(
         tv = 0.5 * np.abs(empirical - exact).sum()
         bound = 0.6 * np.sqrt(exact * (1 - exact) / n).sum()
         assert tv < bound, f"token {position}: TV {tv:.3f} >= {bound:.3f}"
+    num_tokens = sum(len(s) for s in samples)
+    from transformers import AutoModelForCausalLM
+
+    drafter = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama", 1, 0.05), dtype=torch.float32).eval()
+    ks = _pit_ks(target, drafter, prompt, samples, params)
+    assert ks < 1.95 / np.sqrt(num_tokens), f"KS {ks:.4f} over {num_tokens} tokens"
+    drafter_ks = _pit_ks(target, drafter, prompt, drafter_samples, params)
+    drafter_tokens = sum(len(s) for s in drafter_samples)
+    assert drafter_ks > 1.95 / np.sqrt(drafter_tokens), f"no power: drafter KS {drafter_ks:.4f}"
 
 
 def test_stop_string_cuts_the_text(
