@@ -1,6 +1,6 @@
 """Cross-session batching: gather ready steps from many sessions into one target forward.
 
-Policy (after SpecEdge's lessons, DESIGN.md "Cloud verifier"):
+Policy (after SpecEdge's lessons, docs/architecture.md "Cloud verifier"):
 
 * a batch opens when the first step arrives and closes after ``window_s`` or earlier,
   when it is full or when every active session already has a step in it (waiting longer

@@ -1,6 +1,6 @@
 """The hybrid decoding loop: draft on the edge, verify in the cloud, fall back to local.
 
-Modes (DESIGN.md "Decoding modes"):
+Modes (docs/architecture.md "Decoding modes"):
 
 ``lossless``
     Chain speculative decoding (Leviathan et al., arXiv:2211.17192; Chen et al.,

@@ -141,24 +141,6 @@ class DeviceLog:
             (n,) = self._db.execute("SELECT COUNT(*) FROM tokens").fetchone()
         return int(n)
 
-    def read_features(self, feature_dim: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Training arrays: features [n, dim] float32, labels [n] bool, committed [n] bool.
-
-        Rows of another feature size (from an older bundle) are skipped; ``None`` takes the
-        size of the newest row.
-        """
-        with self._lock:
-            if feature_dim is None:
-                row = self._db.execute("SELECT feature_dim FROM tokens ORDER BY id DESC LIMIT 1").fetchone()
-                feature_dim = int(row[0]) if row else 0
-            rows = self._db.execute(
-                "SELECT features, label, committed FROM tokens WHERE feature_dim = ? ORDER BY id", (feature_dim,)
-            ).fetchall()
-        features = np.frombuffer(b"".join(r[0] for r in rows), np.float32).reshape(len(rows), feature_dim)
-        labels = np.array([bool(r[1]) for r in rows], dtype=bool)
-        committed = np.array([bool(r[2]) for r in rows], dtype=bool)
-        return features, labels, committed
-
     def iter_rounds(self) -> Iterator[RoundRecord]:
         """Every stored round with its tokens, oldest first."""
         with self._lock:
@@ -240,11 +222,6 @@ def _dist(ids: bytes | None, probs: bytes | None) -> SparseDist | None:
         ids=tuple(int(i) for i in np.frombuffer(ids, np.int32)),
         probs=tuple(float(p) for p in np.frombuffer(probs, np.float32)),
     )
-
-
-def open_device_log(path: Path | None, max_rows: int = DEFAULT_MAX_ROWS) -> DeviceLog | None:
-    """A :class:`DeviceLog` at ``path``, or ``None`` when logging is off."""
-    return None if path is None else DeviceLog(path, max_rows)
 
 
 def records_from_sequences(

@@ -1,6 +1,7 @@
 """Regenerate the gRPC stubs from ``tandem.proto``: ``python -m tandemspec.protos.generate``.
 
-Uses the pinned ``grpcio-tools`` (STACK.md: newer gencode does not load on protobuf 6).
+Uses the pinned ``grpcio-tools`` (<1.82 in pyproject.toml: stubs from newer tools do not load on
+protobuf 6, which Flower requires).
 The proto is compiled under the virtual path ``tandemspec/protos`` so the generated
 ``_pb2_grpc`` module imports its sibling as ``tandemspec.protos.tandem_pb2``.
 """

@@ -1,4 +1,4 @@
-"""The ``tandem`` command line: every verb of DESIGN.md, each with ``--help``.
+"""The ``tandem`` command line: every verb of docs/architecture.md, each with ``--help``.
 
 Each verb's flags are declared here (one place for the command-line contract); its
 implementation is a ``run(args) -> int`` function in the package that owns it, imported

@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny tokenizer and tiny random models of several families.
 
-Every architecture path is exercised without downloaded weights (DESIGN.md "Models").
+Every architecture path is exercised without downloaded weights (docs/architecture.md "Models").
 Fixtures that need torch/transformers import them inside, so edge-only tests never do.
 """
 

@@ -1,6 +1,6 @@
 """The reference corpus: Python source of the interpreter's standard library.
 
-Splits (DESIGN.md "Models"): ``email/`` is the held-out validation split, anything under a
+Splits (docs/architecture.md "Models"): ``email/`` is the held-out validation split, anything under a
 test directory is kept out entirely, and the rest is the training split. The order of
 training files is a deterministic shuffle, so two runs on the same interpreter see the
 same data.

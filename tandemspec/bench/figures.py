@@ -1,4 +1,4 @@
-"""The figures of BENCHMARK.md, computed from the runs of one bench.
+"""The figures of docs/benchmark.md, computed from the runs of one bench.
 
 Per mode and RTT: exact-match rate against the cloud-only greedy output, quality
 recovered, target passes and cloud seconds per token, mean accepted length, wire cost per

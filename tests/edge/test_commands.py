@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tandemspec.cli import main
@@ -64,7 +65,9 @@ def test_generate_json_lines_with_device_log(
         assert line["prompt_ids"][0] == 1 and isinstance(line["text"], str)
         drafted += stats["num_drafted"]
     with DeviceLog(log_db) as log:
-        features, labels, _ = log.read_features()
+        tokens = [t for r in log.iter_rounds() for t in r.tokens]
+        features = np.stack([t.features for t in tokens])
+        labels = np.array([t.label for t in tokens])
         assert features.shape == (drafted, 4 + 64) and labels.shape == (drafted,)
         accepted = sum(line["stats"]["num_accepted"] for line in lines)
         assert labels.sum() >= accepted

@@ -43,8 +43,11 @@ def test_round_trip(tmp_path: Path) -> None:
         log.record_round(_round(10))
         log.record_round(_round(13, top_k=True))
         assert log.count() == 6
-        features, labels, committed = log.read_features()
         rounds = list(log.iter_rounds())
+    tokens = [t for r in rounds for t in r.tokens]
+    features = np.stack([t.features for t in tokens])
+    labels = np.array([t.label for t in tokens])
+    committed = np.array([t.committed for t in tokens])
     assert features.shape == (6, 6) and features.dtype == np.float32
     assert features[:, 0].tolist() == [10, 11, 12, 13, 14, 15]
     assert labels.tolist() == [True, False, True] * 2
@@ -60,9 +63,9 @@ def test_retention_keeps_the_newest_rows(tmp_path: Path) -> None:
         for r in range(20):
             log.record_round(_round(3 * r))
         assert log.count() == 10
-        features, _, _ = log.read_features()
-        assert features[-1, 0] == 3 * 19 + 2 and features[0, 0] == 3 * 19 + 2 - 9
         rounds = list(log.iter_rounds())
+        features = np.stack([t.features for r in rounds for t in r.tokens])
+        assert features[-1, 0] == 3 * 19 + 2 and features[0, 0] == 3 * 19 + 2 - 9
     assert len(rounds) == 4  # the oldest surviving round is partial
     with sqlite3.connect(tmp_path / "log.db") as db:
         (orphans,) = db.execute("SELECT COUNT(*) FROM rounds WHERE id NOT IN (SELECT round_id FROM tokens)").fetchone()

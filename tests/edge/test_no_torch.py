@@ -1,4 +1,4 @@
-"""The edge runs where torch and transformers do not exist (DESIGN.md dependency rules)."""
+"""The edge runs where torch and transformers do not exist (docs/architecture.md: dependency rules)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from tandemspec.federated.gate import (
     GATE_ONNX_NAME,
     TrainConfig,
     forward,
+    read_log,
     reliability_table,
     roc_auc,
     split_indices,
@@ -141,8 +142,7 @@ def test_gate_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert meta["model"] in ("logistic", "mlp", "scalar-mlp")
     assert meta["num_holdout"] == 8 * 40 and meta["num_train"] == 22 * 40  # 8 of 30 sessions held out
     assert len(next(iter(meta["holdout"].values()))["reliability"]) == 10
-    with DeviceLog(db) as log:
-        features, _, _ = log.read_features()
+    features, _, _ = read_log(db)
     p = OnnxGate(out / GATE_ONNX_NAME).predict(features)
     assert p.shape == (len(features),) and np.all((p >= 0) & (p <= 1))
 
