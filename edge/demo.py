@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import tandemspec
 from tandemspec.edge.commands import summary_line
 from tandemspec.edge.decoder import GenerationRequest
 from tandemspec.edge.runtime import EdgeConfig, EdgeRuntime
+from tandemspec.models import reference_dir
 from tandemspec.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ _START_TIMEOUT_S = 180.0
 
 
 def reference_pair_dir() -> Path:
-    """``models/reference`` next to the package folder."""
-    return Path(tandemspec.__file__).resolve().parent.parent / "models" / "reference"
+    """The bundled reference pair (``models/reference``, installed as ``tandemspec.models``)."""
+    return reference_dir()
 
 
 @dataclass(frozen=True)
