@@ -313,6 +313,7 @@ class _Generation:
                 self.finish_reason = "length"
                 break
             stream = self._open(SessionKind.GENERATE, min(budget, cloud_max_new or budget), tuple(self.eos))
+            start_length = len(self.committed)
             while self.finish_reason is None:
                 message = stream.recv()
                 if isinstance(message, GeneratedTokens):
@@ -322,6 +323,8 @@ class _Generation:
                 elif isinstance(message, SessionDone):
                     if self.committed[-1] in self.eos:
                         self.finish_reason = "stop"
+                    elif len(self.committed) == start_length:
+                        raise CloudRefused(None, f"the verifier ended a generate session at once ({message.reason})")
                     break  # the session's share is done: the outer loop opens the next one if room is left
                 else:
                     raise CloudRefused(None, f"unexpected {type(message).__name__} in a generate session")
