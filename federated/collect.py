@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +68,22 @@ def training_prompts(num_prompts: int, seed: int) -> list[str]:
     return prompts
 
 
-def collect(config: CollectConfig) -> CollectSummary:
-    """Decode the training prompts through a local verifier, logging every verified token."""
+def collect(config: CollectConfig, prompts: Sequence[str] | None = None, cloud: str | None = None) -> CollectSummary:
+    """Decode prompts (default: the training prompts) through a verifier, logging every verified token.
+
+    ``cloud``: a running verifier's address; None starts a local one on ``config.target_dir``.
+    """
     from tandemspec.cloud.config import CloudConfig
     from tandemspec.cloud.server import serve_in_thread
 
-    prompts = training_prompts(config.num_prompts, config.seed)
-    server = serve_in_thread(CloudConfig(model_dir=config.target_dir, host="127.0.0.1", port=0))
+    if prompts is None:
+        prompts = training_prompts(config.num_prompts, config.seed)
+    server = None
+    if cloud is None:
+        server = serve_in_thread(CloudConfig(model_dir=config.target_dir, host="127.0.0.1", port=0))
+        cloud = server.address
     edge = EdgeConfig(
-        cloud=server.address,
+        cloud=cloud,
         bundle=config.bundle_dir,
         mode=config.mode,
         gate_quality=config.gate_quality,
@@ -102,7 +110,8 @@ def collect(config: CollectConfig) -> CollectSummary:
                 if (index + 1) % 50 == 0:
                     logger.info("%d/%d prompts, %d tokens logged", index + 1, len(prompts), drafted)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     return CollectSummary(len(prompts), tokens, rounds, accepted, drafted, trusted, time.perf_counter() - start)
 
 

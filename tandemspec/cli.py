@@ -131,12 +131,21 @@ def _cloud_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _fed_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--num-clients", type=int, default=4)
-    parser.add_argument("--logs", type=Path, nargs="*", help="device logs, one per simulated client")
-    parser.add_argument("--bundle", type=Path, help="starting edge bundle")
-    parser.add_argument("--out", type=Path, help="where to publish the new bundle")
-    parser.add_argument("--deployment", action="store_true", help="SuperLink + SuperNodes on loopback")
+    parser.add_argument("--rounds", type=int, help="federated rounds after round 0 (default 2; quick 1)")
+    parser.add_argument("--fleet", type=Path, help="fleet folder from `tandem fed fleet` (default OUT/fleet)")
+    parser.add_argument("--out", type=Path, help="where versions are published, OUT/current the newest (runs/fed)")
+    parser.add_argument("--pair", type=Path, help="folder with target/, drafter/ and edge/ (default: reference)")
+    parser.add_argument("--thresholds", choices=["global", "cluster"], help="gated thresholds (default cluster)")
+    parser.add_argument("--quick", action="store_true", help="a 3-device fleet if none is given, short rounds")
+
+
+def _fed_fleet_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="fleet folder to create")
+    parser.add_argument("--devices", type=int, default=8, help="virtual devices (one installed package each)")
+    parser.add_argument("--prompts", type=int, default=24, help="prompts decoded into each device's log")
+    parser.add_argument("--heldout", type=int, default=8, help="held-out prompts kept per device")
+    parser.add_argument("--pair", type=Path, help="folder with target/ and edge/ (default: reference)")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:
@@ -272,7 +281,18 @@ VERBS: tuple[Verb, ...] = (
         _cloud_serve_args,
         "tandemspec.cloud.commands:serve_main",
     ),
-    Verb(("fed", "run"), "run federated rounds that update gate and drafter", _fed_run_args, None),
+    Verb(
+        ("fed", "run"),
+        "run federated rounds that update gate and drafter (Flower simulation)",
+        _fed_run_args,
+        "tandemspec.federated.fed.commands:run_main",
+    ),
+    Verb(
+        ("fed", "fleet"),
+        "make virtual devices with non-IID device logs from installed packages' sources",
+        _fed_fleet_args,
+        "tandemspec.federated.fed.fleet:fleet_main",
+    ),
     Verb(
         ("gate", "train"),
         "train the uncertainty gate centrally from a device log",
