@@ -1,14 +1,34 @@
 """The edge daemon's local API: OpenAI-compatible completions over FastAPI + uvicorn.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both with ``"stream": true`` as server-sent events, one event per decoded token),
+(both with ``"stream": true`` as server-sent events, one event per decoded text delta),
 ``GET /health`` and ``GET /metrics`` (Prometheus). Apps on the device talk to this API;
 the daemon decides where tokens come from (drafter, verifier, or both) and reports it in
 an extra ``tandem_stats`` field of each non-streamed response.
 
-The edge holds one drafter, so generations run one at a time (a lock), each on a worker
-thread; streamed tokens cross to the event loop through a queue. A client that goes away
-mid-stream cancels its generation.
+Fidelity to the model and to OpenAI's API:
+
+- a prompt is encoded as the model's ``AutoTokenizer`` encodes it, a conversation with the
+  model's own chat template (``apply_chat_template(messages, add_generation_prompt=True)``),
+  or, for a bundle without one, as "role: content" lines (:mod:`tandemspec.edge.chat`);
+- no ``seed``: a fresh random seed per request, drawn here and sent to the verifier so that
+  edge and cloud agree; a ``seed``: reproducible output;
+- ``max_tokens`` defaults to 16 for completions (OpenAI's default) and, for chat (which has
+  none), to the daemon's ``max_request_tokens``; a request may not ask for more (400);
+- bad input answers 400 with an OpenAI error object, an unknown model 404, a request the
+  verifier refused for its parameters 400, a tokenizer that differs from the verifier's 502
+  (and ``/health`` shows both fingerprints); a refusal is never answered from the drafter alone.
+
+Concurrency: up to ``max_concurrent`` generations run at once on worker threads, each with
+a decoder of its own (a fork of the drafter: its own KV cache on the shared ONNX Runtime
+session); up to ``max_queued`` more wait for one. Past that a request is answered 429, and
+while the daemon shuts down 503, both with ``Retry-After``. A generation that runs past
+``request_timeout_s`` (waiting included) is cancelled and answered 504.
+
+Streaming: the 200 and its SSE headers are sent only once the first text delta (or the
+outcome) is known, so a refusal before the first token gets its own status. Streamed
+tokens cross from the worker thread to the event loop through a queue; a client that goes
+away mid-stream cancels its generation.
 """
 
 from __future__ import annotations
@@ -16,65 +36,42 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
+import secrets
 import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
 
-from tandemspec.edge.decoder import GenerationRequest
+from tandemspec.edge.api_schema import ApiError, ChatBody, CompletionBody, SamplingBody
+from tandemspec.edge.chat import ChatTemplateError
+from tandemspec.edge.client import CloudRefused, CloudUnavailable, TokenizerMismatch
+from tandemspec.edge.decoder import GenerationRequest, HybridDecoder
 from tandemspec.edge.runtime import EdgeRuntime
 from tandemspec.edge.stats import GenerationResult
+from tandemspec.edge.tokenizer import check_text
 from tandemspec.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _END = object()
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_SEED_MASK = (1 << 64) - 1  # the wire's seed is a uint64
+_RETRY_AFTER_S = 1
 
 
 class GenerationCancelled(Exception):
-    """The HTTP client went away; the generation stops."""
-
-
-class CompletionBody(BaseModel):
-    """``POST /v1/completions`` (the OpenAI fields this edge honours; others are ignored)."""
-
-    model: str | None = None
-    prompt: str | list[str] = ""
-    max_tokens: int | None = Field(default=16, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # extension: not in OpenAI's API
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-    mode: Literal["lossless", "gated", "local", "cloud"] | None = None  # extension: per-request decoding mode
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatBody(CompletionBody):
-    """``POST /v1/chat/completions``."""
-
-    messages: list[ChatMessage]
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain-text rendering of a conversation (the reference models have no chat template)."""
-    lines = [f"{m.role}: {m.content}" for m in messages]
-    return "\n".join(lines) + "\nassistant:"
+    """The HTTP client went away, the request timed out or the daemon stops: the generation ends."""
 
 
 @dataclass
@@ -83,6 +80,7 @@ class EdgeMetrics:
 
     registry: CollectorRegistry
     requests: Counter
+    rejected: Counter
     tokens: Counter
     fallbacks: Counter
     bytes: Counter
@@ -90,6 +88,8 @@ class EdgeMetrics:
     accepted: Counter
     latency: Histogram
     cloud_up: Gauge
+    running: Gauge
+    waiting: Gauge
 
     @classmethod
     def create(cls) -> EdgeMetrics:
@@ -97,6 +97,7 @@ class EdgeMetrics:
         return cls(
             registry=registry,
             requests=Counter("tandem_edge_requests", "API requests", ["endpoint"], registry=registry),
+            rejected=Counter("tandem_edge_rejected", "requests answered with an error", ["status"], registry=registry),
             tokens=Counter("tandem_edge_generated_tokens", "generated tokens", ["mode"], registry=registry),
             fallbacks=Counter("tandem_edge_fallbacks", "generations that fell back to local", registry=registry),
             bytes=Counter("tandem_edge_wire_bytes", "serialized gRPC frame bytes", ["direction"], registry=registry),
@@ -104,6 +105,8 @@ class EdgeMetrics:
             accepted=Counter("tandem_edge_accepted_tokens", "draft tokens the cloud accepted", registry=registry),
             latency=Histogram("tandem_edge_generation_seconds", "wall time per generation", registry=registry),
             cloud_up=Gauge("tandem_edge_cloud_up", "1 when the last generation reached the cloud", registry=registry),
+            running=Gauge("tandem_edge_generations_running", "generations in progress", registry=registry),
+            waiting=Gauge("tandem_edge_generations_waiting", "admitted requests waiting for a slot", registry=registry),
         )
 
     def observe(self, result: GenerationResult) -> None:
@@ -120,59 +123,214 @@ class EdgeMetrics:
 
 
 class EdgeApi:
-    """Turns HTTP requests into generations on one :class:`EdgeRuntime`."""
+    """Turns HTTP requests into generations on one :class:`EdgeRuntime`, a few at a time."""
 
     def __init__(self, runtime: EdgeRuntime, model_id: str | None = None) -> None:
         self.runtime = runtime
+        self.config = runtime.config
         self.model_id = model_id or f"tandem-{runtime.bundle.manifest.source or runtime.bundle.manifest.family}"
         self.metrics = EdgeMetrics.create()
-        self._lock = threading.Lock()  # one drafter: one generation at a time
+        slots = self.config.max_concurrent
+        # One decoder per slot; a worker thread takes one for each generation and gives it back.
+        self._decoders: queue.SimpleQueue[HybridDecoder] = queue.SimpleQueue()
+        self._decoders.put(runtime.decoder)
+        for _ in range(slots - 1):
+            self._decoders.put(runtime.new_decoder())
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="tandem-generation")
+        self._lock = threading.Lock()
+        self._num_admitted = 0  # generations waiting or running
+        self._num_running = 0
+        self._active: set[threading.Event] = set()  # cancel events of admitted generations
+        self.closing = False
 
-    def request_for(self, prompt: str, body: CompletionBody) -> GenerationRequest:
+    # -- requests -> generations ----------------------------------------------------------
+
+    def check_model(self, body: SamplingBody) -> None:
+        if body.model is not None and body.model != self.model_id:
+            raise ApiError(
+                404, f"the model {body.model!r} does not exist; this daemon serves {self.model_id!r}",
+                "not_found_error", "model_not_found",
+            )  # fmt: skip
+
+    def request_for(self, prompt_ids: tuple[int, ...], body: SamplingBody, max_tokens: int | None) -> GenerationRequest:
+        """The generation a request asks for; raises :class:`ApiError` (400) for what it may not ask."""
+        limit = self.config.max_request_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this daemon allows at most {limit} (max_request_tokens)")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        seed = secrets.randbits(64) if body.seed is None else body.seed & _SEED_MASK
         try:
-            sampling = SamplingParams(
-                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed or 0
-            )
+            for stop in stops:
+                check_text(stop, "a stop string")
+            sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed)
         except ValueError as error:
-            raise HTTPException(status_code=400, detail=str(error)) from error
+            raise ApiError(400, str(error)) from error
         return GenerationRequest(
-            prompt_ids=self.runtime.tokenizer.encode_prompt(prompt),
+            prompt_ids=prompt_ids,
             sampling=sampling,
-            max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
+            max_new_tokens=limit if max_tokens is None else max_tokens,
             stop_strings=tuple(stops),
             mode=body.mode,
         )
 
+    def admit(self, cancelled: threading.Event) -> None:
+        """Take a place for one generation (running or waiting); 503 while closing, 429 when full."""
+        with self._lock:
+            if self.closing:
+                raise ApiError(503, "the edge daemon is shutting down", "server_error", retry_after_s=_RETRY_AFTER_S)
+            capacity = self.config.max_concurrent + self.config.max_queued
+            if self._num_admitted >= capacity:
+                raise ApiError(
+                    429, f"too many requests: {self._num_admitted} generations running or waiting (at most {capacity})",
+                    "rate_limit_error", retry_after_s=_RETRY_AFTER_S,
+                )  # fmt: skip
+            self._num_admitted += 1
+            self._active.add(cancelled)
+            self._update_gauges()
+
+    def _release(self, cancelled: threading.Event) -> None:
+        with self._lock:
+            self._num_admitted -= 1
+            self._active.discard(cancelled)
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:  # with the lock held
+        self.metrics.running.set(self._num_running)
+        self.metrics.waiting.set(self._num_admitted - self._num_running)
+
     def generate(
         self,
         request: GenerationRequest,
-        on_text: Callable[[str], None] | None = None,
-        cancelled: threading.Event | None = None,
+        on_text: Callable[[str], None] | None,
+        cancelled: threading.Event,
     ) -> GenerationResult:
-        """Run one generation (blocking; call from a worker thread)."""
-
-        def on_tokens(ids: list[int], text: str) -> None:
-            if cancelled is not None and cancelled.is_set():
+        """Run one admitted generation on this worker thread with a decoder of its own."""
+        try:
+            if cancelled.is_set():  # timed out or the client left while it waited
                 raise GenerationCancelled
-            if on_text is not None and text:
-                on_text(text)
 
-        with self._lock:
+            def on_tokens(ids: list[int], text: str) -> None:
+                if cancelled.is_set():
+                    raise GenerationCancelled
+                if on_text is not None and text:
+                    on_text(text)
+
+            decoder = self._decoders.get()  # never waits: there are as many decoders as worker threads
+            with self._lock:
+                self._num_running += 1
             try:
-                result = self.runtime.decoder.generate(request, on_tokens)
-            except ValueError as error:
-                raise HTTPException(status_code=400, detail=str(error)) from error
+                result = decoder.generate(request, on_tokens)
+            finally:
+                self._decoders.put(decoder)
+                with self._lock:
+                    self._num_running -= 1
+        finally:
+            self._release(cancelled)
         self.metrics.observe(result)
         return result
 
+    def close(self) -> None:
+        """Refuse new requests (503), cancel the admitted ones and stop the worker threads."""
+        with self._lock:
+            self.closing = True
+            for cancelled in self._active:
+                cancelled.set()
+        self._executor.shutdown(wait=True)
 
-def _prompt_text(body: CompletionBody) -> str:
-    if isinstance(body.prompt, list):
-        if len(body.prompt) != 1:
-            raise HTTPException(status_code=400, detail="exactly one prompt per request is supported")
-        return body.prompt[0]
-    return body.prompt
+    # -- one generation on a worker thread ------------------------------------------------
+
+    async def start(self, request: GenerationRequest, stream: bool) -> _Run:
+        """Admit and start a generation (raises :class:`ApiError` 429/503 when it cannot)."""
+        run = _Run(asyncio.get_running_loop(), self.config.request_timeout_s)
+        self.admit(run.cancelled)
+        try:
+            run.future = asyncio.wrap_future(
+                self._executor.submit(self._work, run, request, run.put_text if stream else None)
+            )
+        except RuntimeError as error:  # the executor shut down between admit() and here
+            self._release(run.cancelled)
+            raise ApiError(
+                503, "the edge daemon is shutting down", "server_error", retry_after_s=_RETRY_AFTER_S
+            ) from error
+        return run
+
+    def _work(self, run: _Run, request: GenerationRequest, on_text: Callable[[str], None] | None) -> object:
+        try:
+            return self.generate(request, on_text, run.cancelled)
+        except (GenerationCancelled, CloudRefused, ValueError) as error:
+            return error
+        except Exception as error:  # the worker's boundary: answered 500, the daemon keeps serving
+            logger.exception("generation failed")
+            return error
+        finally:
+            run.put_end()
+
+
+class _Run:
+    """One generation seen from the event loop: its text deltas as they come, then its outcome."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self._loop = loop
+        self.deadline = loop.time() + timeout_s
+        self.cancelled = threading.Event()
+        self.items: asyncio.Queue[object] = asyncio.Queue()
+        self.future: asyncio.Future[object] | None = None
+        self.timed_out = False
+
+    def put_text(self, text: str) -> None:  # on the worker thread
+        self._loop.call_soon_threadsafe(self.items.put_nowait, text)
+
+    def put_end(self) -> None:  # on the worker thread
+        self._loop.call_soon_threadsafe(self.items.put_nowait, _END)
+
+    def _remaining_s(self) -> float:
+        return max(0.0, self.deadline - self._loop.time())
+
+    async def next_text(self) -> str | None:
+        """The next text delta, or None once the generation ended (or timed out: it is cancelled)."""
+        try:
+            item = await asyncio.wait_for(self.items.get(), self._remaining_s())
+        except TimeoutError:
+            self.timed_out = True
+            self.cancelled.set()
+            return None
+        return item if isinstance(item, str) else None
+
+    async def outcome(self) -> GenerationResult:
+        """The result, once the generation ended; raises :class:`ApiError` for anything else."""
+        assert self.future is not None
+        if self.timed_out:  # cancelled; do not wait for the worker to notice
+            raise _error_for(GenerationCancelled(), timed_out=True)
+        try:
+            value = await asyncio.wait_for(asyncio.shield(self.future), self._remaining_s())
+        except TimeoutError:
+            self.timed_out = True
+            self.cancelled.set()
+            value = GenerationCancelled()
+        if isinstance(value, GenerationResult):
+            return value
+        raise _error_for(value, self.timed_out)
+
+
+def _error_for(error: object, timed_out: bool) -> ApiError:
+    """The HTTP error a failed generation is answered with."""
+    if isinstance(error, TokenizerMismatch):
+        return ApiError(502, str(error.message), "server_error", "tokenizer_mismatch")
+    if isinstance(error, CloudRefused):
+        if error.is_invalid_request:
+            return ApiError(400, f"the verifier refused the request: {error.message}")
+        return ApiError(502, f"the verifier refused the request: {error}", "server_error", "verifier_refused")
+    if isinstance(error, GenerationCancelled):
+        if timed_out:
+            return ApiError(504, "the request timed out (request_timeout_s); its generation was cancelled",
+                            "timeout_error", "timeout")  # fmt: skip
+        return ApiError(503, "the generation was cancelled", "server_error")
+    if isinstance(error, ValueError):
+        return ApiError(400, str(error))
+    return ApiError(500, f"internal error: {error!r}", "server_error")
+
+
+# -- OpenAI shapes ---------------------------------------------------------------------------
 
 
 def _usage(result: GenerationResult) -> dict[str, int]:
@@ -180,65 +338,149 @@ def _usage(result: GenerationResult) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chat_chunk(base: dict[str, Any], delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
 
 
-async def _stream_generation(
-    api: EdgeApi,
-    request: GenerationRequest,
-    chunk: Callable[[str], dict[str, Any]],
-    final: Callable[[GenerationResult], dict[str, Any]],
-) -> AsyncIterator[bytes]:
-    """Run a generation on a worker thread and yield one SSE event per text delta."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    cancelled = threading.Event()
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint writes its chunks and its response."""
 
-    def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, text)
+    base: dict[str, Any]  # id, object, created, model
+    chunk: Callable[[str, bool], dict[str, Any]]  # (text, first) -> a streamed chunk's choice
+    finish: Callable[[str], dict[str, Any]]  # finish_reason -> the last streamed choice
+    response: Callable[[GenerationResult], dict[str, Any]]  # the non-streamed choice
 
-    def work() -> GenerationResult | BaseException:
-        try:
-            return api.generate(request, on_text, cancelled)
-        except (GenerationCancelled, HTTPException) as error:
-            return error
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
 
-    task = loop.run_in_executor(None, work)
+def _completion_shape(model: str) -> _Shape:
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+    return _Shape(
+        base={"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+              "model": model},
+        chunk=lambda text, first: choice(text, None),
+        finish=lambda reason: choice("", reason),
+        response=lambda r: choice(r.text, r.finish_reason),
+    )  # fmt: skip
+
+
+def _chat_shape(model: str) -> _Shape:
+    def delta(text: str, first: bool) -> dict[str, Any]:
+        content = {"role": "assistant", "content": text} if first else {"content": text}  # role: first chunk only
+        return {"index": 0, "delta": content, "finish_reason": None}
+
+    return _Shape(
+        base={"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model},
+        chunk=delta,
+        finish=lambda reason: {"index": 0, "delta": {}, "finish_reason": reason},
+        response=lambda r: {
+            "index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason
+        },
+    )  # fmt: skip
+
+
+async def _respond(api: EdgeApi, request: GenerationRequest, body: SamplingBody, shape: _Shape, chat: bool) -> Any:
+    """Run the generation and answer: one JSON response, or SSE once the first delta is known."""
+    run = await api.start(request, body.stream)
+    if not body.stream:
+        result = await run.outcome()
+        kind = "chat.completion" if chat else shape.base["object"]
+        return JSONResponse(
+            {**shape.base, "object": kind, "choices": [shape.response(result)], "usage": _usage(result),
+             "tandem_stats": result.stats.to_dict()}
+        )  # fmt: skip
+    first = await run.next_text()
+    if first is None:
+        await run.outcome()  # a refusal, a timeout or an error before any text: its own status
+    return StreamingResponse(_events(run, first, body, shape, chat), media_type="text/event-stream")
+
+
+async def _events(run: _Run, first: str | None, body: SamplingBody, shape: _Shape, chat: bool) -> AsyncIterator[bytes]:
+    """The SSE events of a started generation whose first delta (None: none) is known."""
+    base = {**shape.base, "object": "chat.completion.chunk"} if chat else shape.base
+    extra = {"usage": None} if body.include_usage else {}
     try:
-        while isinstance(item := await queue.get(), str):
-            yield _sse(chunk(item))
-        outcome = await task
-        if isinstance(outcome, GenerationResult):
-            yield _sse(final(outcome))
-        elif isinstance(outcome, HTTPException):  # headers are sent: report in-band, as OpenAI does
-            yield _sse({"error": {"message": str(outcome.detail), "type": "invalid_request_error"}})
+        text, is_first = first, True
+        while text is not None:
+            yield _sse({**base, "choices": [shape.chunk(text, is_first and chat)], **extra})
+            text, is_first = await run.next_text(), False
+        try:
+            result = await run.outcome()
+        except ApiError as error:  # headers are sent: report in-band, as OpenAI does
+            yield _sse(error.body())
+        else:
+            if is_first and chat:  # no text at all: the role still comes in a first chunk
+                yield _sse({**base, "choices": [shape.chunk("", True)], **extra})
+            yield _sse({**base, "choices": [shape.finish(result.finish_reason)], **extra})
+            if body.include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(result)})
         yield _sse("[DONE]")
     finally:
-        cancelled.set()  # the client disconnected, or we are done: stop generating either way
+        run.cancelled.set()  # the client disconnected, or we are done: stop generating either way
+
+
+# -- the application ----------------------------------------------------------------------
+
+
+def _verifier_health(api: EdgeApi) -> dict[str, Any] | None:
+    client = api.runtime.client
+    if client is None:
+        return None
+    edge = api.runtime.bundle.manifest.tokenizer_fingerprint
+    try:
+        info = client.ensure_connected()
+    except (CloudUnavailable, CloudRefused) as error:
+        return {"reachable": False, "error": str(error), "edge_fingerprint": edge}
+    return {
+        "reachable": True,
+        "tokenizer_match": info.tokenizer_fingerprint == edge,
+        "edge_fingerprint": edge,
+        "cloud_fingerprint": info.tokenizer_fingerprint,
+        "model": info.model_name,
+    }
+
+
+def _prompt_text(body: CompletionBody) -> str:
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise ApiError(400, "exactly one prompt per request is supported")
+        return body.prompt[0]
+    return body.prompt
 
 
 def create_app(api: EdgeApi) -> FastAPI:
     """The FastAPI application of one edge daemon."""
     app = FastAPI(title="tandemspec edge", version="1")
 
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        api.metrics.rejected.labels(status=str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in error.errors())
+        return await api_error(request, ApiError(400, f"invalid request: {problems}"))
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         manifest = api.runtime.bundle.manifest
+        verifier = _verifier_health(api)
+        status = "ok"
+        if verifier is not None and not verifier["reachable"]:
+            status = "degraded"  # generations continue locally
+        elif verifier is not None and not verifier["tokenizer_match"]:
+            status = "error"  # every cloud-backed request is refused (502)
         return {
-            "status": "ok",
+            "status": "shutting_down" if api.closing else status,
             "model": api.model_id,
             "bundle": str(api.runtime.bundle.path),
             "family": manifest.family,
             "cloud": api.runtime.config.cloud,
             "mode": api.runtime.config.mode,
+            "verifier": verifier,
         }
 
     @app.get("/metrics")
@@ -254,63 +496,29 @@ def create_app(api: EdgeApi) -> FastAPI:
         }
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionBody) -> JSONResponse | StreamingResponse:
+    async def completions(body: CompletionBody) -> Any:
         api.metrics.requests.labels(endpoint="completions").inc()
-        request = api.request_for(_prompt_text(body), body)
-        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        base = {"id": ident, "object": "text_completion", "created": created, "model": api.model_id}
-
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-
-        if body.stream:
-            return StreamingResponse(
-                _stream_generation(
-                    api,
-                    request,
-                    lambda text: {**base, "choices": [choice(text, None)]},
-                    lambda r: {**base, "choices": [choice("", r.finish_reason)], "usage": _usage(r)},
-                ),
-                media_type="text/event-stream",
-            )
-        result = await asyncio.get_running_loop().run_in_executor(None, api.generate, request)
-        return JSONResponse(
-            {
-                **base,
-                "choices": [choice(result.text, result.finish_reason)],
-                "usage": _usage(result),
-                "tandem_stats": result.stats.to_dict(),
-            }
-        )
+        api.check_model(body)
+        try:
+            prompt_ids = api.runtime.tokenizer.encode_prompt(_prompt_text(body))
+        except ValueError as error:
+            raise ApiError(400, str(error)) from error
+        max_tokens = _COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        request = api.request_for(prompt_ids, body, max_tokens)
+        return await _respond(api, request, body, _completion_shape(api.model_id), chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatBody) -> JSONResponse | StreamingResponse:
+    async def chat(body: ChatBody) -> Any:
         api.metrics.requests.labels(endpoint="chat").inc()
-        request = api.request_for(chat_prompt(body.messages), body)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        base = {"id": ident, "created": created, "model": api.model_id}
-        if body.stream:
-            chunk_base = {**base, "object": "chat.completion.chunk"}
-            return StreamingResponse(
-                _stream_generation(
-                    api,
-                    request,
-                    lambda text: _chat_chunk(chunk_base, {"role": "assistant", "content": text}, None),
-                    lambda r: _chat_chunk(chunk_base, {}, r.finish_reason),
-                ),
-                media_type="text/event-stream",
-            )
-        result = await asyncio.get_running_loop().run_in_executor(None, api.generate, request)
-        message = {"role": "assistant", "content": result.text}
-        return JSONResponse(
-            {
-                **base,
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-                "usage": _usage(result),
-                "tandem_stats": result.stats.to_dict(),
-            }
-        )
+        api.check_model(body)
+        messages = [m.as_template_input() for m in body.messages]
+        try:
+            prompt_ids = api.runtime.tokenizer.encode_chat(messages)
+        except (ValueError, ChatTemplateError) as error:
+            raise ApiError(400, str(error)) from error
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        request = api.request_for(prompt_ids, body, max_tokens)
+        return await _respond(api, request, body, _chat_shape(api.model_id), chat=True)
 
     return app
 
@@ -318,13 +526,15 @@ def create_app(api: EdgeApi) -> FastAPI:
 class ApiHandle:
     """A local API served by uvicorn on a background thread (for tests and the demo)."""
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, address: str) -> None:
+    def __init__(self, api: EdgeApi, server: uvicorn.Server, thread: threading.Thread, address: str) -> None:
+        self.api = api
         self._server = server
         self._thread = thread
         self.address = address  # "HOST:PORT"
         self.base_url = f"http://{address}"
 
     def stop(self) -> None:
+        self.api.close()
         self._server.should_exit = True
         self._thread.join()
 
@@ -341,7 +551,8 @@ def start_api_in_thread(runtime: EdgeRuntime, host: str = "127.0.0.1", port: int
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     address = f"{host}:{sock.getsockname()[1]}"
-    config = uvicorn.Config(create_app(EdgeApi(runtime)), log_level="warning", lifespan="off")
+    api = EdgeApi(runtime)
+    config = uvicorn.Config(create_app(api), log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tandem-edge-api", daemon=True)
     thread.start()
@@ -350,14 +561,19 @@ def start_api_in_thread(runtime: EdgeRuntime, host: str = "127.0.0.1", port: int
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"the edge API did not start on {address}")
         time.sleep(0.01)
-    return ApiHandle(server, thread, address)
+    return ApiHandle(api, server, thread, address)
 
 
 def serve(runtime: EdgeRuntime, host: str, port: int) -> None:
     """Serve the API in the foreground until interrupted (``tandem edge serve``)."""
-    app = create_app(EdgeApi(runtime))
+    api = EdgeApi(runtime)
+    app = create_app(api)
     print(
-        f"edge API on http://{host}:{port} (bundle {runtime.bundle.path}, cloud {runtime.config.cloud or 'none'})",
+        f"edge API on http://{host}:{port} (bundle {runtime.bundle.path}, cloud {runtime.config.cloud or 'none'}, "
+        f"{runtime.config.max_concurrent} generations at once)",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        api.close()

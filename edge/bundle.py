@@ -1,5 +1,11 @@
 """The edge bundle: a versioned folder with ``drafter.onnx``, ``tokenizer.json`` and ``manifest.json``.
 
+It may also carry ``gate.onnx`` (and its ``gate.json``) and ``chat_template.jinja``, the
+drafter's own chat template. ``tokenizer.json`` encodes exactly as the model's
+``AutoTokenizer`` does (``tandem export`` writes the post-processor transformers uses, so
+special tokens such as BOS are added where the model's own pipeline adds them), and the
+manifest's ``special_tokens`` are the template's variables (``bos_token``, ``eos_token``...).
+
 ``tandem export`` writes bundles (``tandemspec.federated.export``); the edge loads and
 validates them here without torch. The manifest records what the runtime needs to size
 its buffers (layers, KV heads, head dim, max positions), the special token ids, the
@@ -28,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tandemspec
+from tandemspec.models import reference_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ MANIFEST_NAME = "manifest.json"
 DRAFTER_NAME = "drafter.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 GATE_NAME = "gate.onnx"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 KV_LAYOUT = "bshd-new"
 _HASH_CHUNK_BYTES = 1 << 20
 
@@ -66,6 +73,8 @@ class BundleManifest:
     kv_layout: str = KV_LAYOUT
     source: str = ""  # where the drafter came from (folder name), informational
     model_version: str = ""  # bumped by federated publishing
+    # The tokenizer's special tokens by name ("bos_token": "<s>", ...): the chat template's variables.
+    special_tokens: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialise as pretty JSON (stable key order)."""
@@ -92,6 +101,7 @@ class BundleManifest:
             kwargs = {key: value for key, value in data.items() if key in known}
             kwargs["eos_ids"] = tuple(int(i) for i in data.get("eos_ids", ()))
             kwargs["files"] = {str(k): str(v) for k, v in data.get("files", {}).items()}
+            kwargs["special_tokens"] = {str(k): str(v) for k, v in data.get("special_tokens", {}).items()}
             manifest = cls(**kwargs)
         except (TypeError, ValueError) as error:
             raise BundleError(f"malformed manifest: {error}") from error
@@ -125,6 +135,11 @@ class Bundle:
     def gate_path(self) -> Path | None:
         """``gate.onnx`` when the bundle carries a gate."""
         return self.path / GATE_NAME if GATE_NAME in self.manifest.files else None
+
+    @property
+    def chat_template_path(self) -> Path | None:
+        """``chat_template.jinja`` when the drafter came with a chat template."""
+        return self.path / CHAT_TEMPLATE_NAME if CHAT_TEMPLATE_NAME in self.manifest.files else None
 
 
 def sha256_file(path: Path) -> str:
@@ -164,5 +179,5 @@ def load_bundle(path: Path, verify_hashes: bool = True) -> Bundle:
 
 
 def default_bundle_dir() -> Path:
-    """The repository's bundled reference edge bundle, ``models/reference/edge``."""
-    return Path(tandemspec.__file__).resolve().parent.parent / "models" / "reference" / "edge"
+    """The bundled reference edge bundle (``models/reference/edge``, installed as ``tandemspec.models``)."""
+    return reference_dir() / "edge"

@@ -4,10 +4,14 @@ The graph (see :mod:`tandemspec.edge.bundle`) returns the keys and values of the
 tokens only; :class:`OnnxDrafter` appends them into buffers sized once for the bundle's
 maximum context, so decoding allocates no cache per token and a rollback after a rejected
 draft is a change of ``length`` (the stale tail is simply overwritten later).
+
+The cache is the state of one generation; concurrent generations each use a
+:meth:`OnnxDrafter.fork`, which shares the (thread-safe) ONNX Runtime session and owns its cache.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,14 +66,25 @@ class OnnxDrafter:
             f"present.{i}.{kind}" for i in range(m.num_layers) for kind in ("key", "value")
         ]
         self._check_graph()
+        self._positions = np.arange(self.capacity, dtype=np.int64)[None, :]  # [1, capacity], read-only
+        self._mask = np.ones((1, self.capacity), dtype=np.int64)  # [1, capacity], read-only
+        self._new_cache()
+        self.warm_up()
+
+    def _new_cache(self) -> None:
+        m = self.manifest
         # One buffer per layer input: [1, capacity, kv_heads, head_dim]; a prefix slice of
         # it is C-contiguous, so ONNX Runtime reads it without a copy on the CPU provider.
+        # np.zeros maps zeroed pages lazily: a cache costs memory only for the context it holds.
         self._cache = [np.zeros((1, self.capacity, m.num_kv_heads, m.head_dim), np.float32) for _ in self._past_names]
-        self._positions = np.arange(self.capacity, dtype=np.int64)[None, :]  # [1, capacity]
-        self._mask = np.ones((1, self.capacity), dtype=np.int64)  # [1, capacity]
         self._tokens = np.zeros(self.capacity, dtype=np.int64)  # ids whose keys/values are cached
         self._length = 0
-        self.warm_up()
+
+    def fork(self) -> OnnxDrafter:
+        """A drafter on the same session with an empty cache of its own (for a concurrent generation)."""
+        other = copy.copy(self)  # shares the session, names, positions and mask (never written)
+        other._new_cache()
+        return other
 
     def _check_graph(self) -> None:
         inputs = {i.name for i in self._session.get_inputs()}

@@ -3,7 +3,9 @@
 :class:`EdgeConfig` is the ``[edge]`` concern of :func:`tandemspec.config.load_config`
 (defaults < TOML < ``TANDEM_EDGE_*`` environment < flags); :func:`build_runtime` turns it
 into a loaded bundle, a warmed-up drafter, the tokenizer, the verifier client, the device
-log and the decoder that ties them together.
+log and the decoder that ties them together; :meth:`EdgeRuntime.new_decoder` gives each
+concurrent generation of the local API a decoder of its own (its own drafter cache and
+draft-length state, the same session, tokenizer, client, log and gate).
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ class EdgeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     client_id: str = ""
+    # The local API (``tandem edge serve``): generations at once, requests waiting past them
+    # (beyond: 429), the most new tokens one request may ask for (also a chat request's
+    # default, as OpenAI's chat has none), and the wall time after which a generation is
+    # cancelled (504).
+    max_concurrent: int = 4
+    max_queued: int = 16
+    max_request_tokens: int = 2048
+    request_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.draft_length < 1:
@@ -69,6 +79,10 @@ class EdgeConfig:
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
         self.gate_choice()  # checks the kind and that at most one operating point is given
+        if self.max_concurrent < 1 or self.max_queued < 0 or self.max_request_tokens < 1:
+            raise ValueError("max_concurrent and max_request_tokens must be >= 1, max_queued >= 0")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
     def gate_choice(self) -> GateChoice:
         return GateChoice(self.gate_kind, self.gate_quality, self.gate_lambda, self.gate_threshold)
@@ -98,7 +112,7 @@ class EdgeRuntime:
         self.drafter = OnnxDrafter(self.bundle, DrafterOptions(intra_op_threads=config.threads))
         self.client = VerifierClient(_client_config(config)) if config.cloud else None
         self.log = DeviceLog(config.log_db, config.log_max_rows) if config.log_db else None
-        decoder_config = DecoderConfig(
+        self._decoder_config = DecoderConfig(
             mode=config.mode,
             draft_length=config.draft_length,
             pipeline=config.pipeline,
@@ -107,14 +121,20 @@ class EdgeRuntime:
             client_id=config.client_id,
             gate_check_every=config.gate_check_every,
         )
-        self.decoder = HybridDecoder(
-            self.drafter,
-            self.tokenizer,
-            self.client,
-            decoder_config,
-            self.log,
-            _draft_policy(config, self.bundle),
-            _trust_gate(config, self.bundle),
+        self._survival_gate = _survival_gate(config, self.bundle)
+        self._trust_gate = _trust_gate(config, self.bundle)
+        self.decoder = self._decoder(self.drafter)
+
+    def new_decoder(self) -> HybridDecoder:
+        """A decoder for one more concurrent generation: a fork of the drafter, its own draft-length state."""
+        return self._decoder(self.drafter.fork())
+
+    def _decoder(self, drafter: OnnxDrafter) -> HybridDecoder:
+        policy: DraftPolicy | None = None
+        if self._survival_gate is not None and self.config.min_survival is not None:
+            policy = SurvivalDraftLength(self._survival_gate, self.config.min_survival, self.config.draft_length)
+        return HybridDecoder(
+            drafter, self.tokenizer, self.client, self._decoder_config, self.log, policy, self._trust_gate
         )
 
     def close(self) -> None:
@@ -130,14 +150,14 @@ class EdgeRuntime:
         self.close()
 
 
-def _draft_policy(config: EdgeConfig, bundle: Bundle) -> DraftPolicy | None:
-    """The gate-driven draft length when ``min_survival`` is set, else None (fixed length)."""
+def _survival_gate(config: EdgeConfig, bundle: Bundle) -> OnnxGate | None:
+    """The gate of the dynamic draft length when ``min_survival`` is set, else None (fixed length)."""
     if config.min_survival is None:
         return None
     gate_path = config.gate or bundle.gate_path
     if gate_path is None or not Path(gate_path).is_file():
         raise ValueError("a dynamic draft length (min_survival) needs a gate: pass --gate or use a bundle with one")
-    return SurvivalDraftLength(OnnxGate(Path(gate_path)), config.min_survival, config.draft_length)
+    return OnnxGate(Path(gate_path))
 
 
 def _trust_gate(config: EdgeConfig, bundle: Bundle) -> TrustGate | None:

@@ -8,6 +8,12 @@ then exported with ``torch.onnx.export(dynamo=True)`` and named dimensions. Befo
 bundle is published, :class:`~tandemspec.edge.drafter.OnnxDrafter` (the edge's own runtime)
 is run against the eager PyTorch model on a prefill, a single token with past, several
 tokens with past and a rollback; any difference beyond tolerance fails the export.
+
+The tokenizer is carried so that the edge encodes as the drafter's ``AutoTokenizer`` does:
+``tokenizer.json`` is the tokenizer transformers actually runs (its post-processor, e.g. the
+BOS, may come from ``tokenizer_config.json``), checked on probe texts; the chat
+template (``chat_template`` in ``tokenizer_config.json`` or ``chat_template.jinja``) becomes
+the bundle's ``chat_template.jinja``, and the special tokens its variables.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from tandemspec.edge.bundle import (
     BUNDLE_VERSION,
+    CHAT_TEMPLATE_NAME,
     DRAFTER_NAME,
     GATE_NAME,
     MANIFEST_NAME,
@@ -42,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # beyond this the weights go to drafter.onnx.data (protobuf's 2 GB cap)
 _PARITY_PROMPT = 7
+# Texts on which the bundle's tokenizer must encode exactly as AutoTokenizer does.
+_TOKENIZER_PROBES = ("", "Hello, world!", "def f(x):\n    return x + 1\n", "  two leading spaces", "café 中文 😀")
 
 
 class ExportError(RuntimeError):
@@ -320,7 +329,7 @@ def export_bundle(config: ExportConfig) -> tuple[BundleManifest, ParityReport]:
     staging.chmod(0o755)  # mkdtemp makes it private; a published bundle is readable like any folder
     try:
         export_onnx(model, manifest, staging / DRAFTER_NAME, config)
-        shutil.copy(drafter_dir / TOKENIZER_NAME, staging / TOKENIZER_NAME)
+        manifest = replace(manifest, special_tokens=write_tokenizer(drafter_dir, staging))
         if config.gate_path is not None:
             shutil.copy(config.gate_path, staging / GATE_NAME)
             report_path = Path(config.gate_path).with_name("gate.json")  # its version and held-out report
@@ -336,6 +345,42 @@ def export_bundle(config: ExportConfig) -> tuple[BundleManifest, ParityReport]:
             shutil.rmtree(staging)
     logger.info("exported %s to %s (worst parity error %.2e)", drafter_dir, out_dir, report.worst)
     return manifest, report
+
+
+def write_tokenizer(drafter_dir: Path, out_dir: Path) -> dict[str, str]:
+    """Write the bundle's ``tokenizer.json`` (and ``chat_template.jinja``); returns the special tokens.
+
+    The file is the tokenizer ``AutoTokenizer`` actually runs, not a copy of the drafter's
+    ``tokenizer.json``: transformers may rebuild parts of it from ``tokenizer_config.json``
+    (the post-processor that adds BOS, or a model class's own normaliser and pre-tokenizer,
+    as Qwen2's does), and the edge must encode as the user's pipeline does. The manifest's
+    fingerprint stays that of the drafter's own file, which is what the verifier compares.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        auto = AutoTokenizer.from_pretrained(drafter_dir)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"AutoTokenizer cannot load {drafter_dir}: {error}") from error
+    backend = getattr(auto, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"{drafter_dir}: AutoTokenizer gives a slow tokenizer; the edge needs a fast one")
+    edge = Tokenizer.from_str(backend.to_str())
+    edge.no_truncation()  # transformers applies these per call; the edge encodes whole prompts
+    edge.no_padding()
+    for probe in _TOKENIZER_PROBES:  # special tokens a tokenizer class adds in Python would show here
+        want = list(auto(probe)["input_ids"])
+        got = edge.encode(probe, add_special_tokens=True).ids
+        if got != want:
+            raise ExportError(f"the bundle's tokenizer encodes {probe!r} as {got}, AutoTokenizer as {want}")
+    edge.save(str(out_dir / TOKENIZER_NAME))
+    template = auto.chat_template
+    if isinstance(template, dict):  # several named templates: the edge renders the default one
+        template = template.get("default")
+    if template:
+        (out_dir / CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")
+    return {name: value for name, value in auto.special_tokens_map.items() if isinstance(value, str)}
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -130,7 +130,7 @@ def samples_from(model: PreTrainedModel, tokenizer_json: Path, new_tokens: int =
     texts = []
     for index, opening in enumerate(SAMPLE_PROMPTS):
         torch.manual_seed(index)
-        ids = torch.tensor([[1, *tokenizer.encode(opening).ids]])  # 1 = bos
+        ids = torch.tensor([tokenizer.encode(opening).ids])  # the tokenizer adds the bos
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -20,7 +20,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     # No prefix space: source code starts lines with keywords, not with a space.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # The models are trained on <|bos|> text <|eos|> documents: the tokenizer adds the BOS, so
+    # AutoTokenizer, the edge and training all see the same prompts.
+    tokenizer.post_processor = bos_post_processor()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -29,6 +31,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+def bos_post_processor() -> processors.PostProcessor:
+    """ByteLevel offsets, then ``<|bos|>`` before each sequence (as Llama tokenizers do)."""
+    bos_id = SPECIAL_TOKENS.index(BOS_TOKEN)
+    return processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+            ),
+        ]
+    )
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> None:
@@ -41,7 +56,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
         "model_max_length": model_max_length,
-        "add_bos_token": False,
+        "add_bos_token": True,
         "clean_up_tokenization_spaces": False,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

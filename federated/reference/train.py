@@ -135,7 +135,7 @@ def encode_documents(tokenizer_path: Path, texts: list[str]) -> np.ndarray:
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
     pieces: list[np.ndarray] = []
-    for encoding in tokenizer.encode_batch(texts):
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
         pieces.append(np.asarray([bos, *encoding.ids, eos], dtype=np.uint16))
     return np.concatenate(pieces)
 

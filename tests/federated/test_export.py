@@ -39,14 +39,18 @@ def test_export_parity_with_torch(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_manifest_describes_the_drafter(family: str, tiny_bundle_dir: Callable[..., Path]) -> None:
+def test_manifest_describes_the_drafter(
+    family: str, tiny_bundle_dir: Callable[..., Path], tiny_model_dir: Callable[..., Path]
+) -> None:
     bundle = load_bundle(tiny_bundle_dir(family))
     m = bundle.manifest
     assert m.family == family
     assert (m.vocab_size, m.hidden_size, m.num_layers, m.max_positions) == (384, 64, 2, 512)
     assert m.num_kv_heads == (4 if family == "gpt2" else 2) and m.head_dim == 16
     assert (m.bos_id, m.eos_ids, m.pad_id) == (1, (2,), 0)
-    assert m.tokenizer_fingerprint == tokenizer_fingerprint(bundle.tokenizer_path)
+    # the drafter's own file (the verifier compares it with the target's); the bundle's may differ in
+    # what AutoTokenizer rebuilds (Qwen2's normaliser and pre-tokenizer)
+    assert m.tokenizer_fingerprint == tokenizer_fingerprint(tiny_model_dir(family, 1, 0.05) / "tokenizer.json")
     assert set(m.files) >= {"drafter.onnx", "tokenizer.json"}
     assert m.opset == 18
 
@@ -96,3 +100,45 @@ def test_parity_failure_is_loud(tiny_bundle_dir: Callable[..., Path], tiny_model
     other = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama", 5)).eval()
     with pytest.raises(ExportError, match="differs"):
         check_parity(other, tiny_bundle_dir("llama"), tolerance=1e-4)
+
+
+@pytest.mark.parametrize("adds_bos, model_type", [(True, None), (False, None), (True, "qwen2")],
+                         ids=["bos", "no-bos", "qwen2-class"])  # fmt: skip
+def test_bundle_tokenizer_encodes_as_auto_tokenizer(
+    adds_bos: bool, model_type: str | None, tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """With or without a BOS in the model's post-processor (Llama-style vs SmolLM2/ChatML-style), and
+    when the model's tokenizer class rebuilds the pre-tokenizer (Qwen2's), the edge encodes a prompt as
+    ``AutoTokenizer`` does; the chat template and its variables travel too."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer
+
+    from tandemspec.edge.chat import ChatTemplate
+    from tandemspec.edge.tokenizer import EdgeTokenizer
+    from tandemspec.federated.export import write_tokenizer
+
+    model_dir, out = tmp_path / "model", tmp_path / "bundle"
+    out.mkdir()
+    shutil.copytree(tiny_tokenizer_dir, model_dir)
+    if not adds_bos:
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        tokenizer.save(str(model_dir / "tokenizer.json"))
+    if model_type is not None:
+        (model_dir / "config.json").write_text(json.dumps({"model_type": model_type}))
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}<assistant>"
+    (model_dir / "chat_template.jinja").write_text(template)
+    special = write_tokenizer(model_dir, out)
+    assert special["bos_token"] == "<|bos|>" and special["eos_token"] == "<|eos|>"
+    assert (out / "chat_template.jinja").read_text() == template
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    edge = EdgeTokenizer(out / "tokenizer.json", 1, (2,), ChatTemplate(template, special))
+    for text in ("def f(x):\n    return x + 1\n", "  café 中文", ""):
+        want = list(auto(text)["input_ids"])
+        assert list(edge.encode_prompt(text)) == want
+        assert (want[:1] == [1]) is adds_bos
+    messages = [{"role": "user", "content": "hi <|bos|>"}]
+    want = list(auto.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    assert list(edge.encode_chat(messages)) == want

@@ -23,7 +23,9 @@ def test_pair_loads_offline_with_auto_classes(monkeypatch: pytest.MonkeyPatch) -
     assert models["drafter"].config.vocab_size == models["target"].config.vocab_size
     text = "import os\n\ndef main() -> None:\n    print(os.getcwd())\n"
     assert tokenizers["target"].encode(text) == tokenizers["drafter"].encode(text)
-    assert tokenizers["target"].decode(tokenizers["target"].encode(text)) == text
+    ids = tokenizers["target"].encode(text)
+    assert ids[0] == tokenizers["target"].bos_token_id  # the models are trained on documents that start with BOS
+    assert tokenizers["target"].decode(ids, skip_special_tokens=True) == text
 
 
 def test_drafter_has_at_most_a_fifth_of_target_compute() -> None:
