@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import tandemspec
+from tandemspec.models import reference_dir
 from tandemspec.types import Limits
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
@@ -20,8 +20,8 @@ _GIB = 1024**3
 
 
 def default_model_dir() -> Path:
-    """The bundled reference target: ``models/reference/target`` next to the package folder."""
-    return Path(tandemspec.__file__).resolve().parent.parent / "models" / "reference" / "target"
+    """The bundled reference target (``models/reference/target``, installed as ``tandemspec.models``)."""
+    return reference_dir() / "target"
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class CloudConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_sessions: int = 64
+    # Most sessions one client may hold at once (None: a quarter of max_sessions, at least 1).
+    # A client is its handshake client_id when auth is on, else the peer's host; loopback
+    # peers are not capped (see cloud/session.py client_key).
+    max_sessions_per_client: int | None = None
+    admission_wait_s: float = 0.5  # how long a handshake waits for a slot to free before RESOURCE_EXHAUSTED
     batching: bool = True
     batch_window_ms: float = 2.0  # longest wait for more sessions after the first ready one
     max_batch_size: int = 32
@@ -45,11 +50,20 @@ class CloudConfig:
     max_new_tokens: int = 1024
     max_return_top_k: int = 32
     max_support: int = 64  # largest truncated-q support per draft token
-    session_ttl_s: float = 300.0  # a session idle this long is ended
+    session_idle_s: float = 30.0  # a session that sends nothing for this long is ended (DEADLINE_EXCEEDED)
+    session_ttl_s: float = 600.0  # whole-session limit from its handshake (DEADLINE_EXCEEDED), as the edge's deadline
+    prefill_chunk_tokens: int = 128  # prompts are fed in chunks of this many tokens, other work between chunks
     memory_budget_bytes: int = 2 * _GIB  # KV cache reserved by all sessions together
     metrics_port: int | None = None  # Prometheus exposition (0 = any free port)
     drain_grace_s: float = 10.0  # how long a stop waits for in-flight sessions
     max_message_bytes: int = 4 * 1024 * 1024
+    # HTTP/2 ping policy (grpc.http2.min_recv_ping_interval_without_data_ms,
+    # grpc.keepalive_permit_without_calls, grpc.http2.max_ping_strikes): edges ping every 30 s
+    # even when idle (edge/client.py), comfortably above this minimum; a client pinging
+    # faster than it collects strikes and, past max_ping_strikes, a GOAWAY too_many_pings.
+    min_ping_interval_s: float = 10.0
+    permit_pings_without_calls: bool = True
+    max_ping_strikes: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -65,16 +79,30 @@ class CloudConfig:
             "max_support": self.max_support,
             "memory_budget_bytes": self.memory_budget_bytes,
             "max_message_bytes": self.max_message_bytes,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.max_return_top_k < 0 or self.batch_window_ms < 0 or self.drain_grace_s < 0:
             raise ValueError("max_return_top_k, batch_window_ms and drain_grace_s must be >= 0")
-        if self.session_ttl_s <= 0:
-            raise ValueError(f"session_ttl_s must be positive, got {self.session_ttl_s}")
+        if self.session_ttl_s <= 0 or self.session_idle_s <= 0:
+            raise ValueError(
+                f"session_ttl_s and session_idle_s must be positive, got {self.session_ttl_s}, {self.session_idle_s}"
+            )
+        if self.max_sessions_per_client is not None and self.max_sessions_per_client <= 0:
+            raise ValueError(f"max_sessions_per_client must be positive, got {self.max_sessions_per_client}")
+        if self.admission_wait_s < 0 or self.min_ping_interval_s < 0 or self.max_ping_strikes < 0:
+            raise ValueError("admission_wait_s, min_ping_interval_s and max_ping_strikes must be >= 0")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("auth_token is empty")
+
+    @property
+    def client_session_cap(self) -> int:
+        """Most sessions one client may hold at once (``max_sessions_per_client`` resolved)."""
+        if self.max_sessions_per_client is not None:
+            return min(self.max_sessions_per_client, self.max_sessions)
+        return max(1, self.max_sessions // 4)
 
     @property
     def secure(self) -> bool:

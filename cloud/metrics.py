@@ -6,14 +6,15 @@
 sessions_active     sessions now open (handshake done, not yet ended)
 sessions_total      sessions that completed a handshake
 sessions_refused    handshakes refused by admission control (RESOURCE_EXHAUSTED)
-session_errors      sessions ended with an error status (any code)
+session_errors      sessions ended with an error status (any code; by code: session_errors_by_code);
+                    a client's cancel counts as CANCELLED, a normal end never counts
 frames              draft frames answered (stale ones included)
 stale_frames        frames answered ``stale`` without verification
 verified_tokens     draft tokens judged by the target
 accepted_tokens     draft tokens accepted
 committed_tokens    committed tokens appended (labelled, not judged)
 generated_tokens    tokens the target generated in GENERATE sessions
-prefill_passes      target forward passes that fed a prompt
+prefill_passes      target forward passes that fed a prompt chunk (prefill_chunk_tokens at most)
 step_passes         target forward passes for verify/generate steps (batched)
 batched_rows        session-steps those passes carried (rows / passes = mean batch)
 ==================  ==========================================================
@@ -95,6 +96,15 @@ class VerifierMetrics:
             "prefill_passes": value("forward_passes_total", phase="prefill"),
             "step_passes": value("forward_passes_total", phase="step"),
             "batched_rows": value("batched_rows_total"),
+        }
+
+    def session_errors_by_code(self) -> dict[str, float]:
+        """``session_errors`` per status code name (codes never seen are absent)."""
+        return {
+            sample.labels["code"]: sample.value
+            for metric in self.registry.collect()
+            for sample in metric.samples
+            if sample.name == f"{_PREFIX}_session_errors_total"
         }
 
     def serve_http(self, host: str, port: int) -> int:

@@ -6,8 +6,11 @@ Policy (after SpecEdge's lessons, docs/architecture.md "Cloud verifier"):
   when it is full or when every active session already has a step in it (waiting longer
   could add nothing); it pads only to what is in it;
 * prefills of new sessions never join a step batch that others wait on: they run as their
-  own forward passes, one between step batches, so a long prompt delays a batch by at most
-  one prefill;
+  own forward passes of at most ``prefill_chunk_tokens`` tokens, one chunk between step
+  batches, so a long prompt delays a batch by at most one chunk;
+* among waiting prefills the one with the fewest tokens left goes next (shortest remaining
+  first), so a short handshake waits for at most one chunk of the long prompts ahead of it,
+  not for all of them; a long prompt advances whenever no shorter one waits;
 * the target runs in one worker thread, so the event loop keeps serving streams while it
   computes, and forward passes never overlap.
 
@@ -23,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandemspec.cloud.metrics import VerifierMetrics
 from tandemspec.cloud.target import ForwardOutput, ForwardRow, SessionKV, TargetModel
@@ -38,6 +41,7 @@ class BatchPolicy:
     enabled: bool = True
     window_s: float = 0.002
     max_batch_size: int = 32
+    prefill_chunk_tokens: int = 128
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,20 @@ class _Job:
     row: ForwardRow
     future: asyncio.Future[ForwardOutput]
     arrived_s: float
+
+
+@dataclass
+class _Prefill:
+    """A prompt being fed chunk by chunk; ``kv`` holds what has been fed so far."""
+
+    input_ids: tuple[int, ...]
+    future: asyncio.Future[SessionKV]
+    arrived_s: float
+    kv: SessionKV = field(default_factory=SessionKV.empty)
+
+    @property
+    def num_remaining(self) -> int:
+        return len(self.input_ids) - self.kv.length
 
 
 class BatchScheduler:
@@ -62,7 +80,7 @@ class BatchScheduler:
         self._metrics = metrics
         self._clock = clock
         self._steps: collections.deque[_Job] = collections.deque()
-        self._prefills: collections.deque[_Job] = collections.deque()
+        self._prefills: list[_Prefill] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-target")
         self._task: asyncio.Task[None] | None = None
@@ -79,8 +97,10 @@ class BatchScheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for job in (*self._steps, *self._prefills):
+        for job in self._steps:
             job.future.cancel()
+        for prefill in self._prefills:
+            prefill.future.cancel()
         self._steps.clear()
         self._prefills.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
@@ -92,19 +112,21 @@ class BatchScheduler:
     def session_ended(self) -> None:
         self._active_sessions -= 1
 
-    async def prefill(self, input_ids: Sequence[int]) -> ForwardOutput:
-        """Feed a new session's prompt in its own forward pass."""
-        return await self._submit(self._prefills, ForwardRow(kv=SessionKV.empty(), input_ids=tuple(input_ids)))
+    async def prefill(self, input_ids: Sequence[int]) -> SessionKV:
+        """Feed a new session's prompt (chunked, between step batches; no logits); returns its cache."""
+        if self._task is None:
+            raise RuntimeError("the scheduler is not running")
+        future: asyncio.Future[SessionKV] = asyncio.get_running_loop().create_future()
+        self._prefills.append(_Prefill(tuple(input_ids), future, self._clock()))
+        self._wake.set()
+        return await future
 
     async def step(self, row: ForwardRow) -> ForwardOutput:
         """One verify or generate step of a session, batched with others' steps."""
-        return await self._submit(self._steps, row)
-
-    async def _submit(self, queue: collections.deque[_Job], row: ForwardRow) -> ForwardOutput:
         if self._task is None:
             raise RuntimeError("the scheduler is not running")
         future: asyncio.Future[ForwardOutput] = asyncio.get_running_loop().create_future()
-        queue.append(_Job(row=row, future=future, arrived_s=self._clock()))
+        self._steps.append(_Job(row=row, future=future, arrived_s=self._clock()))
         self._wake.set()
         return await future
 
@@ -117,11 +139,30 @@ class BatchScheduler:
             if self._steps:
                 batch = await self._gather()
                 if batch:
-                    await self._execute(batch, phase="step")
+                    await self._execute(batch)
             if self._prefills:
-                job = self._prefills.popleft()
-                if not job.future.done():
-                    await self._execute([job], phase="prefill")
+                await self._prefill_chunk()
+
+    async def _prefill_chunk(self) -> None:
+        """Feed one chunk of the waiting prompt with the fewest tokens left (ties: the oldest)."""
+        self._prefills = [job for job in self._prefills if not job.future.done()]  # drop cancelled sessions'
+        if not self._prefills:
+            return
+        job = min(self._prefills, key=lambda j: (j.num_remaining, j.arrived_s))
+        start = job.kv.length
+        chunk = job.input_ids[start : start + self._policy.prefill_chunk_tokens]
+        try:
+            (output,) = await self._forward([ForwardRow(job.kv, chunk, num_logits=0)], phase="prefill")
+        except Exception as error:  # a failed forward fails its session, not the server
+            self._prefills.remove(job)
+            if not job.future.done():
+                job.future.set_exception(error)
+            return
+        job.kv = output.kv
+        if job.num_remaining == 0:
+            self._prefills.remove(job)
+            if not job.future.done():
+                job.future.set_result(job.kv)
 
     async def _gather(self) -> list[_Job]:
         """Wait for the batch window (unless the batch is full), then take up to a batch of live steps."""
@@ -146,19 +187,25 @@ class BatchScheduler:
         live = sum(1 for job in self._steps if not job.future.done())
         return live >= self._policy.max_batch_size or live >= self._active_sessions
 
-    async def _execute(self, batch: list[_Job], phase: str) -> None:
-        rows = [job.row for job in batch]
-        loop = asyncio.get_running_loop()
-        start = self._clock()
+    async def _execute(self, batch: list[_Job]) -> None:
         try:
-            outputs = await loop.run_in_executor(self._executor, self._target.forward, rows)
+            outputs = await self._forward([job.row for job in batch], phase="step")
         except Exception as error:  # a failed forward fails its sessions, not the server
-            logger.exception("target forward of %d rows failed", len(rows))
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
-        self._metrics.observe_forward(phase, len(rows), self._clock() - start)
         for job, output in zip(batch, outputs, strict=True):
             if not job.future.done():
                 job.future.set_result(output)
+
+    async def _forward(self, rows: list[ForwardRow], phase: str) -> list[ForwardOutput]:
+        """One target forward pass on the worker thread (``phase``: prefill or step), recorded."""
+        start = self._clock()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._target.forward, rows)
+        except Exception:
+            logger.exception("target forward of %d rows failed", len(rows))
+            raise
+        self._metrics.observe_forward(phase, len(rows), self._clock() - start)
+        return outputs

@@ -90,25 +90,26 @@ async def start_server(config: CloudConfig, target: TargetModel | None = None) -
         target = await asyncio.to_thread(TargetModel.load, config.model_dir, config.device, config.dtype)
     assert target is not None
     metrics = VerifierMetrics()
-    policy = BatchPolicy(config.batching, config.batch_window_ms / 1e3, config.max_batch_size)
+    policy = BatchPolicy(
+        config.batching, config.batch_window_ms / 1e3, config.max_batch_size, config.prefill_chunk_tokens
+    )
     scheduler = BatchScheduler(target, policy, metrics)
     info = server_info(config, target, fingerprint)
     service = VerifierService(
         info=info,
         rules=SessionRules(limits=info.limits, vocab_size=target.vocab_size, tokenizer_fingerprint=fingerprint),
         scheduler=scheduler,
-        admission=AdmissionBook(config.max_sessions, config.memory_budget_bytes),
+        admission=AdmissionBook(
+            config.max_sessions, config.memory_budget_bytes, config.client_session_cap, config.admission_wait_s
+        ),
         metrics=metrics,
         kv_bytes_per_token=target.kv_bytes_per_token,
+        session_idle_s=config.session_idle_s,
         session_ttl_s=config.session_ttl_s,
+        authenticated=config.auth_token is not None,
     )
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     server.add_generic_rpc_handlers((_verifier_handlers(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -125,6 +126,20 @@ async def start_server(config: CloudConfig, target: TargetModel | None = None) -
     metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port is not None else None
     logger.info("verifier listening on %s:%d (%s, %s)", config.host, port, info.device, info.dtype)
     return StartedServer(server, port, metrics, scheduler, health_servicer, metrics_port)
+
+
+def server_options(config: CloudConfig) -> list[tuple[str, int]]:
+    """gRPC server options: message sizes and the HTTP/2 ping policy edges' keepalive must fit."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # Idle edges ping to keep their connection (edge/client.py _CHANNEL_OPTIONS): accept
+        # pings without calls, at most one per min_ping_interval_s; faster ones are strikes.
+        ("grpc.keepalive_permit_without_calls", int(config.permit_pings_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1e3)),
+        ("grpc.http2.max_ping_strikes", config.max_ping_strikes),
+    ]
 
 
 def _verifier_handlers(service: VerifierService) -> grpc.GenericRpcHandler:

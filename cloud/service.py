@@ -10,13 +10,24 @@ A reader task parses incoming frames into a small bounded inbox (so gRPC flow co
 still applies), which lets the session time out when idle and notice a ``SessionClose``
 while generating. Any :class:`SessionError` ends that session with an ``Error`` frame and
 its status code; nothing a client sends can end the server.
+
+A session ends *logically* (its slot and KV reservation go back to admission) before its
+last frame (``SessionDone`` or ``Error``) is written, so an edge that opens its next session
+as soon as it reads that frame always finds the slot free. Two clocks end a session with
+``DEADLINE_EXCEEDED`` (a transport-class status: the edge falls back to local decoding):
+``session_idle_s``, the longest wait for the edge's next message (a handshake or a frame;
+a GENERATE session waits on nothing once open), and ``session_ttl_s``, the whole session's
+limit from its admission. A write that fails because the edge has gone is the edge's
+cancel, never an INTERNAL error, and after the logical end it is not an error at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
 from typing import TypeAlias
 
 import grpc
@@ -28,6 +39,7 @@ from tandemspec.cloud.session import (
     Session,
     SessionError,
     SessionRules,
+    client_key,
     invalid,
     session_token_budget,
     validate_frame,
@@ -64,6 +76,10 @@ _END = _EndOfStream()
 _InboxItem: TypeAlias = SessionOpen | DraftFrame | SessionClose | SessionError | _EndOfStream
 
 
+class _StreamGone(Exception):
+    """Writing to the stream failed: the edge cancelled or disconnected."""
+
+
 class VerifierService:
     """Serves sessions on one target through one scheduler."""
 
@@ -75,7 +91,10 @@ class VerifierService:
         admission: AdmissionBook,
         metrics: VerifierMetrics,
         kv_bytes_per_token: int,
+        session_idle_s: float,
         session_ttl_s: float,
+        authenticated: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._info = info
         self._rules = rules
@@ -83,7 +102,10 @@ class VerifierService:
         self._admission = admission
         self._metrics = metrics
         self._kv_bytes_per_token = kv_bytes_per_token
+        self._idle_s = session_idle_s
         self._ttl_s = session_ttl_s
+        self._authenticated = authenticated  # every call carries the bearer token (the interceptor checked)
+        self._clock = clock
 
     async def info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         """Model, tokenizer fingerprint, limits and capabilities."""
@@ -97,6 +119,9 @@ class VerifierService:
             await self._serve_session(inbox, context)
         except SessionError as error:
             await self._fail(context, error)
+        except _StreamGone as gone:  # the edge cancelled mid-session: its choice, not a failure
+            self._metrics.session_errors.labels(code=grpc.StatusCode.CANCELLED.name).inc()
+            logger.info("session cancelled by the client: %s", gone)
         except Exception as error:  # a bug or a failed forward: end this session only, say so
             if context.cancelled():  # the edge went away mid-write: routine, not a failure
                 logger.info("session cancelled by the client: %s", error)
@@ -112,67 +137,80 @@ class VerifierService:
             return
         if not isinstance(first, SessionOpen):
             raise invalid(f"the first frame must be a SessionOpen handshake, got a {type(first).__name__}")
-        session = self._admit(validate_open(first, self._rules))
+        message = validate_open(first, self._rules)
+        session = await self._admit(message, client_key(context.peer(), message.client_id, self._authenticated))
         try:
             await self._prefill(session, context)
             self._scheduler.session_started()
-            try:
-                if session.kind is SessionKind.VERIFY:
-                    await self._verify_loop(session, inbox, context)
-                else:
-                    await self._generate_loop(session, inbox, context)
-            finally:
-                self._scheduler.session_ended()
+            session.stepping = True
+            if session.kind is SessionKind.VERIFY:
+                await self._verify_loop(session, inbox, context)
+            else:
+                await self._generate_loop(session, inbox, context)
         finally:
-            self._release(session)
+            self._end(session)
 
-    def _admit(self, message: SessionOpen) -> Session:
+    async def _admit(self, message: SessionOpen, client: str | None) -> Session:
         budget = session_token_budget(message, self._rules.limits)
         reserve = budget * self._kv_bytes_per_token
         try:
-            self._admission.admit(reserve)
+            await self._admission.admit(client, reserve)
         except SessionError:
             self._metrics.sessions_refused.inc()
             raise
-        session = Session(message, budget, reserve)
+        session = Session(message, budget, reserve, client=client, expires_s=self._clock() + self._ttl_s)
         self._metrics.sessions.labels(kind=message.kind.value).inc()
         self._metrics.sessions_active.inc()
         logger.info(
-            "session %s opened: %s, %d prompt tokens, client %r",
+            "session %s opened: %s, %d prompt tokens, client %r (%s)",
             session.id,
             message.kind.value,
             session.prompt_length,
             message.client_id,
+            client,
         )
         return session
 
-    def _release(self, session: Session) -> None:
-        self._admission.release(session.reserved_bytes)
+    def _end(self, session: Session) -> None:
+        """The session's logical end (idempotent): free its slot and reservation, now."""
+        if session.ended:
+            return
+        session.ended = True
+        if session.stepping:
+            self._scheduler.session_ended()
+        self._admission.release(session.client, session.reserved_bytes)
         self._metrics.sessions_active.dec()
         logger.info("session %s ended at %d tokens", session.id, session.committed_length)
+
+    async def _finish(self, session: Session, context: grpc.aio.ServicerContext, done: SessionDone) -> None:
+        """End the session, then say so; the edge may already be gone, which is fine now."""
+        self._end(session)
+        try:
+            await _write(context, codec.encode_cloud_frame(done))
+        except _StreamGone as gone:
+            logger.debug("session %s: SessionDone not delivered: %s", session.id, gone)
 
     async def _prefill(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         start = time.perf_counter()
         prefill_ids = session.prefill_ids()
         if prefill_ids:
-            output = await self._scheduler.prefill(prefill_ids)
-            session.kv = output.kv
+            session.kv = await self._scheduler.prefill(prefill_ids)
         prefill_ms = (time.perf_counter() - start) * 1e3
         ready = SessionReady(session_id=session.id, prompt_length=session.prompt_length, prefill_ms=prefill_ms)
-        await context.write(codec.encode_cloud_frame(ready))
+        await _write(context, codec.encode_cloud_frame(ready))
 
     async def _verify_loop(
         self, session: Session, inbox: asyncio.Queue[_InboxItem], context: grpc.aio.ServicerContext
     ) -> None:
         while True:
-            item = await self._next(inbox)
+            item = await self._next(inbox, session)
             if isinstance(item, _EndOfStream | SessionClose):
-                await context.write(codec.encode_cloud_frame(SessionDone(reason="closed")))
+                await self._finish(session, context, SessionDone(reason="closed"))
                 return
             if isinstance(item, SessionOpen):
                 raise invalid("a second SessionOpen in one session")
             verdict = await self._verify(session, item)
-            await context.write(codec.encode_cloud_frame(verdict))
+            await _write(context, codec.encode_cloud_frame(verdict))
 
     async def _verify(self, session: Session, frame: DraftFrame) -> Verdict:
         """prefill'd context + frame -> target step -> judge -> rollback: the verdict."""
@@ -181,10 +219,10 @@ class VerifierService:
             self._metrics.stale_frames.inc()
             return session.stale_verdict(frame)
         validate_frame(frame, session, self._rules)
-        output = await self._scheduler.step(ForwardRow(session.kv, session.pending_ids(frame)))
-        start = time.perf_counter()
         num_judged = 1 + frame.num_tokens  # the pending token, then committed and draft tokens
-        outcome = judge_frame(output.logits[-num_judged:], frame, session.open.sampling, session.open.return_top_k)
+        output = await self._scheduler.step(ForwardRow(session.kv, session.pending_ids(frame), num_logits=num_judged))
+        start = time.perf_counter()
+        outcome = judge_frame(output.logits, frame, session.open.sampling, session.open.return_top_k)
         compute_ms = output.compute_ms + (time.perf_counter() - start) * 1e3
         self._metrics.verified_tokens.inc(len(frame.draft_ids))
         self._metrics.accepted_tokens.inc(outcome.num_accepted)
@@ -198,36 +236,59 @@ class VerifierService:
             if _close_requested(inbox):
                 reason = "cancelled"
                 break
-            output = await self._scheduler.step(ForwardRow(session.kv, session.pending_ids()))
+            if self._clock() >= session.expires_s:
+                raise self._expired()
+            output = await self._scheduler.step(ForwardRow(session.kv, session.pending_ids(), num_logits=1))
             token = generate_token(output.logits[-1], session.open.sampling, position=session.committed_length)
             session.append_generated(token, output.kv)
             self._metrics.generated_tokens.inc()
-            await context.write(codec.encode_cloud_frame(GeneratedTokens(ids=(token,), compute_ms=output.compute_ms)))
-        done = SessionDone(reason=reason, num_generated=session.num_generated)
-        await context.write(codec.encode_cloud_frame(done))
+            await _write(context, codec.encode_cloud_frame(GeneratedTokens(ids=(token,), compute_ms=output.compute_ms)))
+        await self._finish(session, context, SessionDone(reason=reason, num_generated=session.num_generated))
 
-    async def _next(self, inbox: asyncio.Queue[_InboxItem]) -> codec.EdgeMessage | _EndOfStream:
-        """The next edge message; an idle session past its TTL is ended."""
+    async def _next(
+        self, inbox: asyncio.Queue[_InboxItem], session: Session | None = None
+    ) -> codec.EdgeMessage | _EndOfStream:
+        """The next edge message; a session silent for ``session_idle_s`` or past its TTL is ended."""
+        remaining_s = math.inf if session is None else session.expires_s - self._clock()
+        if remaining_s <= 0:
+            raise self._expired()
         try:
-            item = await asyncio.wait_for(inbox.get(), self._ttl_s)
+            item = await asyncio.wait_for(inbox.get(), min(self._idle_s, remaining_s))
         except TimeoutError as error:
+            if remaining_s <= self._idle_s:
+                raise self._expired() from error
             raise SessionError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"session idle for more than {self._ttl_s:g} s"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the edge sent nothing for {self._idle_s:g} s (session_idle_s): session reclaimed",
             ) from error
         if isinstance(item, SessionError):
             raise item
         return item
+
+    def _expired(self) -> SessionError:
+        return SessionError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the session reached its {self._ttl_s:g} s limit (session_ttl_s): continue in a new session",
+        )
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: SessionError) -> None:
         """Send an ``Error`` frame, then end the call with the error's status."""
         self._metrics.session_errors.labels(code=error.code.name).inc()
         logger.info("session refused or ended: %s: %s", error.code.name, error.message)
         try:
-            await context.write(codec.encode_error(error.code.value[0], error.message, error.seq))
-        except (grpc.RpcError, RuntimeError, asyncio.InvalidStateError) as write_error:
-            logger.debug("could not send the Error frame: %s", write_error)
+            await _write(context, codec.encode_error(error.code.value[0], error.message, error.seq))
+        except _StreamGone as gone:
+            logger.debug("could not send the Error frame: %s", gone)
         context.set_code(error.code)
         context.set_details(error.message)
+
+
+async def _write(context: grpc.aio.ServicerContext, frame: pb.CloudFrame) -> None:
+    """Write one frame; a stream the edge has left raises :class:`_StreamGone`."""
+    try:
+        await context.write(frame)
+    except Exception as error:  # grpc raises several types here (ExecuteBatchError, UsageError, ...)
+        raise _StreamGone(f"{type(error).__name__}: {error}") from error
 
 
 def _close_requested(inbox: asyncio.Queue[_InboxItem]) -> bool:

@@ -12,6 +12,8 @@ against the session's own committed length.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import math
 import uuid
@@ -50,7 +52,14 @@ class SessionRules:
 
 
 def validate_open(message: SessionOpen, rules: SessionRules) -> SessionOpen:
-    """Check a handshake; returns it with ``max_new_tokens`` 0 replaced by the server's limit."""
+    """Check a handshake; returns it with ``max_new_tokens`` 0 replaced by the server's limit.
+
+    Length rule (refused with ``OUT_OF_RANGE`` before any prefill): the prompt must leave
+    room for the smallest unit of work within ``max_context_tokens``. A VERIFY session's
+    first frame needs the prompt + one draft token + the correction after it, so
+    ``len(prompt_ids) + 2 <= max_context_tokens``; a GENERATE session needs the prompt + one
+    generated token, so ``len(prompt_ids) + 1 <= max_context_tokens``.
+    """
     limits = rules.limits
     if message.tokenizer_fingerprint != rules.tokenizer_fingerprint:
         raise SessionError(
@@ -60,10 +69,12 @@ def validate_open(message: SessionOpen, rules: SessionRules) -> SessionOpen:
         )
     if not message.prompt_ids:
         raise invalid("the prompt is empty")
-    if len(message.prompt_ids) >= limits.max_context_tokens:
-        raise invalid(
-            f"prompt of {len(message.prompt_ids)} tokens leaves no room in max_context_tokens "
-            f"{limits.max_context_tokens}"
+    room = 2 if message.kind is SessionKind.VERIFY else 1  # draft + correction, or one generated token
+    if len(message.prompt_ids) + room > limits.max_context_tokens:
+        raise SessionError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"prompt of {len(message.prompt_ids)} tokens leaves no room for {room} more in max_context_tokens "
+            f"{limits.max_context_tokens} (a {message.kind.value} session needs prompt + {room} <= the limit)",
         )
     check_ids(message.prompt_ids, rules.vocab_size, "prompt_ids")
     check_ids(message.stop_ids, rules.vocab_size, "stop_ids")
@@ -97,11 +108,14 @@ def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules) -> 
     _check_parents(frame)
     if not session.open.sampling.is_greedy:
         _check_draft_dists(frame, rules)
+    # The request's own length, not the server's load: OUT_OF_RANGE (the edge may go on in a
+    # fresh session), never RESOURCE_EXHAUSTED (which reads as "busy").
     needed = session.committed_length + frame.num_tokens + 1
     if needed > session.max_tokens:
         raise SessionError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the frame would grow the session to {needed} tokens, over its budget of {session.max_tokens} "
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"the frame would grow the session to {needed} tokens (committed + frame tokens + correction), "
+            f"over its budget of {session.max_tokens} tokens "
             "(min of max_context_tokens and prompt + max_new_tokens + max_draft_tokens + 1)",
             seq,
         )
@@ -143,11 +157,22 @@ def _check_draft_dists(frame: DraftFrame, rules: SessionRules) -> None:
 class Session:
     """Mutable state of one Decode stream; only that stream's handler task touches it."""
 
-    def __init__(self, open_message: SessionOpen, max_tokens: int, reserved_bytes: int) -> None:
+    def __init__(
+        self,
+        open_message: SessionOpen,
+        max_tokens: int,
+        reserved_bytes: int,
+        client: str | None = None,
+        expires_s: float = math.inf,
+    ) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.open = open_message
         self.max_tokens = max_tokens  # budget: tokens this session may ever hold
         self.reserved_bytes = reserved_bytes
+        self.client = client  # admission key (see client_key); None: not capped
+        self.expires_s = expires_s  # monotonic time at which the session's TTL ends it
+        self.stepping = False  # counted by the scheduler as a session that submits steps
+        self.ended = False  # logically over: slot released, only SessionDone left to send
         self.tokens: list[int] = list(open_message.prompt_ids)
         self.kv = SessionKV.empty()
         self.epoch = 0
@@ -228,18 +253,59 @@ def session_token_budget(message: SessionOpen, limits: Limits) -> int:
 
 
 class AdmissionBook:
-    """Admission control: at most ``max_sessions`` sessions and ``budget_bytes`` of reserved KV."""
+    """Admission control: at most ``max_sessions`` sessions, ``per_client`` of them per client,
+    and ``budget_bytes`` of reserved KV.
 
-    def __init__(self, max_sessions: int, budget_bytes: int) -> None:
+    A refused handshake waits up to ``wait_s`` for a slot to free before it is refused
+    with ``RESOURCE_EXHAUSTED``: an edge that ends a session and opens the next at once must
+    not find its own previous session still holding the slot.
+    """
+
+    def __init__(
+        self, max_sessions: int, budget_bytes: int, per_client: int | None = None, wait_s: float = 0.0
+    ) -> None:
         self.max_sessions = max_sessions
         self.budget_bytes = budget_bytes
+        self.per_client = max_sessions if per_client is None else per_client
+        self.wait_s = wait_s
         self.num_sessions = 0
         self.reserved_bytes = 0
+        self._held: collections.Counter[str] = collections.Counter()
+        self._freed = asyncio.Event()  # set (and replaced) whenever a session is released
 
-    def admit(self, reserve_bytes: int) -> None:
-        """Reserve room for one session or refuse it with RESOURCE_EXHAUSTED."""
+    def held_by(self, client: str) -> int:
+        """Sessions ``client`` holds now."""
+        return self._held[client]
+
+    async def admit(self, client: str | None, reserve_bytes: int) -> None:
+        """Reserve room for one session of ``client``, waiting up to ``wait_s``; or RESOURCE_EXHAUSTED."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            freed = self._freed
+            try:
+                self.admit_now(client, reserve_bytes)
+                return
+            except SessionError:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise
+            try:
+                await asyncio.wait_for(freed.wait(), remaining)
+            except TimeoutError:
+                self.admit_now(client, reserve_bytes)  # a last try; raises the current reason
+                return
+
+    def admit_now(self, client: str | None, reserve_bytes: int) -> None:
+        """Reserve room for one session of ``client`` (None: uncapped) now, or refuse it with RESOURCE_EXHAUSTED."""
         if self.num_sessions >= self.max_sessions:
             raise SessionError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is full ({self.max_sessions} sessions)")
+        if client is not None and self._held[client] >= self.per_client:
+            raise SessionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"client {client} already holds {self._held[client]} sessions, the most one client may hold "
+                f"(max_sessions_per_client {self.per_client})",
+            )
         if self.reserved_bytes + reserve_bytes > self.budget_bytes:
             raise SessionError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -248,7 +314,39 @@ class AdmissionBook:
             )
         self.num_sessions += 1
         self.reserved_bytes += reserve_bytes
+        if client is not None:
+            self._held[client] += 1
 
-    def release(self, reserve_bytes: int) -> None:
+    def release(self, client: str | None, reserve_bytes: int) -> None:
+        """Give back one session's slot and reservation, and wake waiting handshakes."""
         self.num_sessions -= 1
         self.reserved_bytes -= reserve_bytes
+        if client is not None:
+            self._held[client] -= 1
+            if self._held[client] <= 0:
+                del self._held[client]
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+
+def client_key(peer: str, client_id: str, authenticated: bool) -> str | None:
+    """Who a session belongs to, for ``max_sessions_per_client``; None: not capped.
+
+    With auth on, every caller has proved it holds the token, so its handshake ``client_id``
+    names it (one shared token would otherwise make all edges one client). Otherwise the
+    peer's host does, since a client_id costs nothing to forge. Loopback peers are not
+    capped: they are processes on the server's own machine (a co-located edge, a benchmark),
+    and gRPC shares one connection among a process's channels, so they cannot be told apart.
+    ``peer`` is gRPC's ``context.peer()``: ``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``, ``unix:...``.
+    """
+    if authenticated and client_id:
+        return f"id:{client_id}"
+    scheme, _, address = peer.partition(":")
+    if scheme == "unix":
+        return None
+    if scheme not in ("ipv4", "ipv6"):
+        return peer
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "::1" or host.startswith(("127.", "::ffff:127.")):
+        return None
+    return host

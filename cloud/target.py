@@ -8,6 +8,12 @@ ids and an attention mask that hides the padding::
     row i:  [ pad ... pad | past_i (L_i) | new_i (n_i) | pad ... ]
              <--- Lmax - L_i ---><------- Lmax ------><--- Nmax --->
 
+Only the logit rows a caller needs are computed (``ForwardRow.num_logits``, passed to the
+model as ``logits_to_keep``): none for a prefill, the judged rows for a verify step, the
+last one for a generate step. They stay on the model's device as torch tensors, where
+:mod:`tandemspec.cloud.probs` turns them into argmaxes and probabilities, so only a few
+numbers per row cross to the host.
+
 HF's causal mask then lets new token j of row i see exactly its own past and new tokens
 0..j, so each row computes what it would alone (up to float rounding). Absolute-position
 models (GPT-2) get the right positions from ``position_ids``.
@@ -26,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
@@ -66,13 +71,19 @@ class ForwardRow:
 
     kv: SessionKV
     input_ids: tuple[int, ...]
+    num_logits: int | None = None  # logits for the last this-many fed tokens (None: all of them)
+
+    @property
+    def logits_kept(self) -> int:
+        n = len(self.input_ids)
+        return n if self.num_logits is None else min(self.num_logits, n)
 
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    """Result for one row: logits at each fed token and the extended cache."""
+    """Result for one row: logits at its last ``num_logits`` fed tokens and the extended cache."""
 
-    logits: np.ndarray  # [n, vocab] float32; row j predicts the token after input j
+    logits: torch.Tensor  # [num_logits, vocab] float32 on the model's device; row j predicts the token after it
     kv: SessionKV  # past + the fed tokens
     compute_ms: float  # wall time of the whole (possibly batched) forward
 
@@ -128,8 +139,8 @@ class TargetModel:
         return str(self.model.dtype).removeprefix("torch.")
 
     def prefill(self, input_ids: Sequence[int]) -> ForwardOutput:
-        """Feed a prompt (or any tokens) with no past; a batch of one."""
-        return self.forward([ForwardRow(SessionKV.empty(), tuple(input_ids))])[0]
+        """Feed a prompt (or any tokens) with no past; a batch of one, no logits kept."""
+        return self.forward([ForwardRow(SessionKV.empty(), tuple(input_ids), num_logits=0)])[0]
 
     def forward(self, rows: Sequence[ForwardRow]) -> list[ForwardOutput]:
         """One forward pass over ``rows`` (each with at least one new token)."""
@@ -146,18 +157,24 @@ class TargetModel:
             for row_logits, kv in zip(logits, outputs, strict=True)
         ]
 
-    def _forward_one(self, row: ForwardRow) -> tuple[list[np.ndarray], list[SessionKV]]:
+    def _forward_one(self, row: ForwardRow) -> tuple[list[torch.Tensor], list[SessionKV]]:
         n = len(row.input_ids)
         past = row.kv.length
         input_ids = torch.tensor([row.input_ids], dtype=torch.long, device=self.device)  # [1, n]
         position_ids = torch.arange(past, past + n, device=self.device)[None]  # [1, n]
         cache = self._cache(list(row.kv.layers))
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
-        logits = _to_numpy(out.logits[0, :, : self.vocab_size])  # [n, vocab]
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=self._logits_to_keep(row.logits_kept),
+        )
+        logits = out.logits[0, :, : self.vocab_size].float()  # [num_logits, vocab]
         layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
         return [logits], [SessionKV(layers, past + n)]
 
-    def _forward_batch(self, rows: Sequence[ForwardRow]) -> tuple[list[np.ndarray], list[SessionKV]]:
+    def _forward_batch(self, rows: Sequence[ForwardRow]) -> tuple[list[torch.Tensor], list[SessionKV]]:
         batch = len(rows)
         past_lengths = [row.kv.length for row in rows]
         new_lengths = [len(row.input_ids) for row in rows]
@@ -171,6 +188,9 @@ class TargetModel:
             attention_mask[i, max_past - past_lengths[i] : max_past + new_lengths[i]] = 1
             # Padded tail positions are clamped so absolute-position tables are never overrun.
             position_ids[i] = torch.arange(past_lengths[i], past_lengths[i] + max_new).clamp(max=position_cap)
+        # New tokens are right-padded, so row i wants columns [n_i - keep_i, n_i): keep every
+        # column from the earliest of those starts (one slice serves the whole batch).
+        first_kept = min(n - row.logits_kept for n, row in zip(new_lengths, rows, strict=True))
         cache = self._cache(self._stack_past(rows, max_past))
         out = self.model(
             input_ids=input_ids.to(self.device),
@@ -178,15 +198,17 @@ class TargetModel:
             position_ids=position_ids.to(self.device),
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=self._logits_to_keep(max_new - first_kept),
         )
-        all_logits = _to_numpy(out.logits[:, :, : self.vocab_size])  # [B, Nmax, vocab]
+        all_logits = out.logits[:, :, : self.vocab_size].float()  # [B, Nmax - first_kept, vocab]
         merged = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         logits, outputs = [], []
         for i in range(batch):
             lo, hi = max_past - past_lengths[i], max_past + new_lengths[i]
             # Clone so that the session does not keep the whole batch tensor alive.
             layers = tuple((k[i : i + 1, :, lo:hi].clone(), v[i : i + 1, :, lo:hi].clone()) for k, v in merged)
-            logits.append(all_logits[i, : new_lengths[i]])
+            end = new_lengths[i] - first_kept
+            logits.append(all_logits[i, end - rows[i].logits_kept : end])
             outputs.append(SessionKV(layers, past_lengths[i] + new_lengths[i]))
         return logits, outputs
 
@@ -209,6 +231,10 @@ class TargetModel:
             stacked.append((batch_keys, batch_values))
         return stacked
 
+    def _logits_to_keep(self, num: int) -> int | torch.Tensor:
+        # HF reads an int 0 as "keep all"; an empty index tensor keeps none.
+        return num if num > 0 else torch.zeros(0, dtype=torch.long, device=self.device)
+
     def _cache(self, layers: list[KVLayer]) -> DynamicCache:
         if not layers:
             return DynamicCache(config=self.model.config)
@@ -218,11 +244,6 @@ class TargetModel:
         """KV bytes one token occupies, measured with a one-token forward (also a warm-up)."""
         out = self.prefill([self.pad_id])
         return sum(k.nbytes + v.nbytes for k, v in out.kv.layers)
-
-
-def _to_numpy(logits: torch.Tensor) -> np.ndarray:
-    # Host<->device sync: one copy of the batch's logits per forward pass.
-    return logits.float().cpu().numpy()
 
 
 def _max_positions(config: object) -> int | None:

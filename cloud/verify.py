@@ -1,4 +1,4 @@
-"""Judging one draft frame from the target's logits (pure numpy; no torch, no I/O).
+"""Judging one draft frame from the target's logits, on the model's device (no I/O).
 
 The target is fed ``[pending, committed..., draft...]`` where *pending* is the session's
 last token, not yet fed (the previous correction or bonus, or the prompt's last token).
@@ -19,6 +19,10 @@ Labels (the SPRINTER label, "would standard verification accept this token?"):
 distribution the session samples from (``process_logits``) truncated with
 :func:`truncate`. Greedy sessions get the untempered softmax instead, since their
 processed distribution is a one-hot that would teach a drafter nothing.
+
+The logits stay torch tensors where the target ran; :mod:`tandemspec.cloud.probs` computes
+what is needed there and the acceptance rule itself is :mod:`tandemspec.sampling`'s, so only
+argmaxes, p of the draft tokens and drawn ids come to the host.
 """
 
 from __future__ import annotations
@@ -26,17 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from tandemspec.sampling import (
-    Judgement,
-    process_logits,
-    sample_dense,
-    seeded_rng,
-    softmax,
-    truncate,
-    verify_greedy,
-    verify_sampling,
-)
+from tandemspec.cloud import probs as dist
+from tandemspec.sampling import Judgement, accept_drafts, seeded_rng, verify_greedy
 from tandemspec.types import DraftFrame, SamplingParams, SparseDist
 
 
@@ -56,10 +53,10 @@ class FrameOutcome:
         return self.num_accepted == len(self.labels) - self.num_committed
 
 
-def judge_frame(logits: np.ndarray, frame: DraftFrame, sampling: SamplingParams, return_top_k: int) -> FrameOutcome:
+def judge_frame(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParams, return_top_k: int) -> FrameOutcome:
     """Verify ``frame`` given the target's ``logits``: [1 + m + k, vocab] (see module doc)."""
     m, k = len(frame.committed_ids), len(frame.draft_ids)
-    assert logits.shape[0] == 1 + m + k, (logits.shape, m, k)
+    assert logits.shape[0] == 1 + m + k, (tuple(logits.shape), m, k)
     committed_labels = label_committed(logits[:m], frame.committed_ids)
     judgement = judge_draft(logits[m:], frame, sampling)
     top_k = target_top_k(logits[: m + k], sampling, return_top_k)
@@ -72,36 +69,55 @@ def judge_frame(logits: np.ndarray, frame: DraftFrame, sampling: SamplingParams,
     )
 
 
-def label_committed(logits: np.ndarray, committed_ids: tuple[int, ...]) -> tuple[bool, ...]:
+def label_committed(logits: torch.Tensor, committed_ids: tuple[int, ...]) -> tuple[bool, ...]:
     """Committed-token labels: is each token the target's argmax? ``logits``: [m, vocab]."""
     if not committed_ids:
         return ()
-    argmax = np.argmax(logits, axis=-1)  # [m]
-    return tuple(bool(argmax[i] == token) for i, token in enumerate(committed_ids))
+    argmax = logits.argmax(-1).tolist()  # [m]; host sync: m ints
+    return tuple(argmax[i] == token for i, token in enumerate(committed_ids))
 
 
-def judge_draft(logits: np.ndarray, frame: DraftFrame, sampling: SamplingParams) -> Judgement:
+def judge_draft(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParams) -> Judgement:
     """Greedy or rejection-sampling verification of the draft tokens. ``logits``: [k + 1, vocab]."""
     defer = frame.expects_continuation
     if sampling.is_greedy:
-        return verify_greedy(np.argmax(logits, axis=-1), frame.draft_ids, defer_bonus=defer)
-    target_probs = process_logits(logits, sampling)  # [k + 1, vocab]
+        return verify_greedy(logits.argmax(-1).tolist(), frame.draft_ids, defer_bonus=defer)  # host sync: k + 1 ints
     first_draft_position = frame.position + len(frame.committed_ids)
     rng = seeded_rng(sampling.seed, first_draft_position)
-    return verify_sampling(target_probs, frame.draft_ids, frame.draft_dists, rng, defer_bonus=defer)
+    return verify_sampling(dist.process_probs(logits, sampling), frame, rng)
 
 
-def target_top_k(logits: np.ndarray, sampling: SamplingParams, top_k: int) -> tuple[SparseDist, ...]:
+def verify_sampling(target_probs: torch.Tensor, frame: DraftFrame, rng: np.random.Generator) -> Judgement:
+    """``tandemspec.sampling.verify_sampling`` with p on the device: the same draws, in the same order.
+
+    ``target_probs``: [k + 1, vocab] processed p at each draft position and one past it.
+    """
+    k = len(frame.draft_ids)
+    uniforms = rng.random(k)
+    rows = torch.arange(k, device=target_probs.device)
+    draft = torch.tensor(frame.draft_ids, dtype=torch.long, device=target_probs.device)
+    p_draft = target_probs[rows, draft].tolist()  # host sync: k floats
+    labels = accept_drafts(p_draft, frame.draft_ids, frame.draft_dists, uniforms)
+    num_accepted = labels.index(False) if False in labels else k
+    if num_accepted == k:
+        if frame.expects_continuation:
+            return Judgement(k, None, labels)
+        return Judgement(k, dist.sample(target_probs[k], rng), labels)
+    residual = dist.residual(target_probs[num_accepted], frame.draft_dists[num_accepted])
+    return Judgement(num_accepted, dist.sample(residual, rng), labels)
+
+
+def target_top_k(logits: torch.Tensor, sampling: SamplingParams, top_k: int) -> tuple[SparseDist, ...]:
     """Per row of ``logits`` ([n, vocab]): the target's distribution truncated to ``top_k`` ids."""
     if top_k <= 0 or logits.shape[0] == 0:
         return ()
-    probs = softmax(logits) if sampling.is_greedy else process_logits(logits, sampling)  # [n, vocab]
-    return tuple(truncate(row, top_k) for row in probs)
+    probs = torch.softmax(logits.double(), -1) if sampling.is_greedy else dist.process_probs(logits, sampling)
+    return tuple(dist.truncate(row, top_k) for row in probs)
 
 
-def generate_token(logits: np.ndarray, sampling: SamplingParams, position: int) -> int:
+def generate_token(logits: torch.Tensor, sampling: SamplingParams, position: int) -> int:
     """The target's own choice for ``position`` (cloud-only mode). ``logits``: [vocab]."""
     if sampling.is_greedy:
-        return int(np.argmax(logits))
-    probs = process_logits(logits[None], sampling)[0]  # [vocab]
-    return sample_dense(probs, seeded_rng(sampling.seed, position))
+        return int(logits.argmax())  # host sync: one int
+    probs = dist.process_probs(logits[None], sampling)[0]  # [vocab]
+    return dist.sample(probs, seeded_rng(sampling.seed, position))

@@ -36,10 +36,14 @@ logger = logging.getLogger(__name__)
 
 _CLOSE_GRACE_S = 1.0  # how long closing the client waits for the last stream to end
 _END = object()  # marks the end of the request or response stream in the queues
+# Keepalive pings even on an idle channel, every 30 s: comfortably above the verifier's
+# minimum ping interval (10 s, cloud/config.py min_ping_interval_s), so the verifier never
+# answers with GOAWAY too_many_pings and an idle daemon's next request finds its connection.
 _CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (the verifier allows it)
     ("grpc.enable_retries", 0),
 ]
 

@@ -12,6 +12,7 @@ samples from a *truncated* distribution (:func:`truncate`) and sends exactly tha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from tandemspec.types import SamplingParams, SparseDist
 
 # Probabilities below this are treated as zero when normalising a residual.
 _RESIDUAL_EPS = 1e-12
+# First guess at how many tokens a top-p nucleus holds (grown until it holds them all).
+_FIRST_HEAD = 64
 
 
 def seeded_rng(seed: int, position: int, stream: int = 0) -> np.random.Generator:
@@ -38,7 +41,8 @@ def process_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Logits -> the distribution to sample from, after temperature, top-k and top-p.
 
     ``logits``: [..., vocab]. Greedy (temperature 0) returns a one-hot at the argmax.
-    Ties in top-k/top-p are broken by token id (stable sort), identically on both sides.
+    Ties in top-k/top-p are broken by token id (as a stable sort would), identically on both
+    sides. Only the kept support is ever sorted (a partition finds it), never the vocabulary.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if params.is_greedy:
@@ -49,28 +53,71 @@ def process_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     # renormalised top-k distribution.
     probs = softmax(logits / params.temperature)
     vocab = probs.shape[-1]
-    order = np.argsort(-probs, axis=-1, kind="stable")  # [..., vocab], most likely first
-    sorted_probs = np.take_along_axis(probs, order, axis=-1)
     if 0 < params.top_k < vocab:
-        sorted_probs = np.where(np.arange(vocab) < params.top_k, sorted_probs, 0.0)
-        sorted_probs /= sorted_probs.sum(axis=-1, keepdims=True)
+        probs = keep_most_likely(probs, np.full((*probs.shape[:-1], 1), params.top_k))
+        probs /= probs.sum(axis=-1, keepdims=True)
     if 0.0 < params.top_p < 1.0:
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
-        sorted_probs = np.where(mass_before < params.top_p, sorted_probs, 0.0)
-    probs = np.empty_like(sorted_probs)
-    np.put_along_axis(probs, order, sorted_probs, axis=-1)
+        counts, head = nucleus_size(probs, params.top_p, params.top_k)
+        probs = keep_most_likely(probs, counts, head)
     return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def nucleus_size(probs: np.ndarray, top_p: float, top_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``probs`` ([..., vocab]): how many of the most likely tokens top-p keeps
+    ([..., 1]), and the sorted head of values that holds them ([..., head], descending).
+
+    The smallest prefix (most likely first) whose mass reaches ``top_p``: a token stays while
+    the mass before it is below ``top_p``, so the first always stays. Only a growing head of
+    the sorted values is computed, until it is known to hold the whole prefix.
+    """
+    vocab = probs.shape[-1]
+    head = min(vocab, top_k if 0 < top_k < vocab else _FIRST_HEAD)
+    while True:
+        top = sorted_head(probs, head)  # [..., head], descending
+        mass_before = np.cumsum(top, axis=-1) - top
+        if head == vocab or bool(np.all(mass_before[..., -1] >= top_p)):
+            return np.sum(mass_before < top_p, axis=-1, keepdims=True), top
+        # A wide nucleus: past a sixteenth of the vocabulary one sort costs less than more tries.
+        head = vocab if 16 * head > vocab else 8 * head
+
+
+def sorted_head(probs: np.ndarray, num: int) -> np.ndarray:
+    """The ``num`` largest values of each row of ``probs`` ([..., vocab]), descending: [..., num]."""
+    if num >= probs.shape[-1]:
+        return -np.sort(-probs, axis=-1)
+    head = -np.partition(-probs, num - 1, axis=-1)[..., :num]
+    return -np.sort(-head, axis=-1)
+
+
+def keep_most_likely(probs: np.ndarray, counts: np.ndarray, head: np.ndarray | None = None) -> np.ndarray:
+    """Zero all but the ``counts`` ([..., 1]) most likely tokens of each row; ties go to the lower id.
+
+    The same tokens as the first ``counts`` of a stable descending sort, found without one:
+    everything above the ``counts``-th largest value, then the lowest ids equal to it.
+    ``head``: the rows' largest values, descending, at least ``max(counts)`` of them, if known.
+    """
+    if head is None:
+        head = sorted_head(probs, int(np.max(counts)))
+    threshold = np.take_along_axis(head, counts - 1, axis=-1)  # [..., 1]
+    above = probs > threshold
+    tied = probs == threshold
+    tie_rank = np.cumsum(tied, axis=-1)  # 1 for the lowest tied id
+    keep = above | (tied & (tie_rank <= counts - above.sum(axis=-1, keepdims=True)))
+    return np.where(keep, probs, 0.0)
 
 
 def truncate(probs: np.ndarray, max_support: int) -> SparseDist:
     """Keep the ``max_support`` most likely tokens of a 1-D distribution and renormalise.
 
     This is the drafter's *exact* sampling distribution q: the edge samples from it and
-    sends it, so the cloud's residual max(0, p - q) is computed on the true q.
+    sends it, so the cloud's residual max(0, p - q) is computed on the true q. Ids come most
+    likely first, ties by id (a stable sort's order).
     """
     support = min(max_support, int(np.count_nonzero(probs)))
-    ids = np.argsort(-probs, kind="stable")[:support]
+    if support == 0:
+        return SparseDist(ids=(), probs=())
+    ids = np.flatnonzero(keep_most_likely(probs[None], np.array([[support]]))[0])
+    ids = ids[np.lexsort((ids, -probs[ids]))]  # most likely first, ties by id
     kept = probs[ids]
     return SparseDist(ids=tuple(int(i) for i in ids), probs=tuple(float(p) for p in kept / kept.sum()))
 
@@ -99,7 +146,9 @@ class Judgement:
     labels: tuple[bool, ...]
 
 
-def verify_greedy(target_argmax: np.ndarray, draft_ids: tuple[int, ...], defer_bonus: bool = False) -> Judgement:
+def verify_greedy(
+    target_argmax: Sequence[int] | np.ndarray, draft_ids: tuple[int, ...], defer_bonus: bool = False
+) -> Judgement:
     """Greedy verification: accept the longest prefix that equals the target's argmax.
 
     ``target_argmax``: [k + 1] argmax of the target at each draft position and one past it.
@@ -128,13 +177,8 @@ def verify_sampling(
     """
     k = len(draft_ids)
     uniforms = rng.random(k)
-    labels_list: list[bool] = []
-    for i, (token, dist) in enumerate(zip(draft_ids, draft_dists, strict=True)):
-        q_token = dist.prob_of(token)
-        p_token = float(target_probs[i, token])
-        # q_token > 0 always holds for a token the drafter sampled from q.
-        labels_list.append(q_token > 0 and uniforms[i] < min(1.0, p_token / q_token))
-    labels = tuple(labels_list)
+    p_draft = [float(target_probs[i, token]) for i, token in enumerate(draft_ids)]
+    labels = accept_drafts(p_draft, draft_ids, draft_dists, uniforms)
     num_accepted = labels.index(False) if False in labels else k
     if num_accepted == k:
         if defer_bonus:
@@ -142,6 +186,18 @@ def verify_sampling(
         return Judgement(k, sample_dense(target_probs[k], rng), labels)
     residual = residual_distribution(target_probs[num_accepted], draft_dists[num_accepted])
     return Judgement(num_accepted, sample_dense(residual, rng), labels)
+
+
+def accept_drafts(
+    p_draft: Sequence[float], draft_ids: tuple[int, ...], draft_dists: tuple[SparseDist, ...], uniforms: np.ndarray
+) -> tuple[bool, ...]:
+    """Per draft token: is ``uniform < min(1, p(x) / q(x))``? ``p_draft``: p of each draft token."""
+    labels: list[bool] = []
+    for token, dist, p_token, uniform in zip(draft_ids, draft_dists, p_draft, uniforms, strict=True):
+        q_token = dist.prob_of(token)
+        # q_token > 0 always holds for a token the drafter sampled from q.
+        labels.append(q_token > 0 and uniform < min(1.0, p_token / q_token))
+    return tuple(labels)
 
 
 def residual_distribution(p: np.ndarray, q: SparseDist) -> np.ndarray:

@@ -40,6 +40,7 @@ def open_message(
     max_new_tokens: int = 0,
     return_top_k: int = 0,
     stop_ids: tuple[int, ...] = (),
+    client_id: str = "",
 ) -> SessionOpen:
     return SessionOpen(
         prompt_ids=tuple(prompt),
@@ -49,6 +50,7 @@ def open_message(
         kind=kind,
         return_top_k=return_top_k,
         stop_ids=stop_ids,
+        client_id=client_id,
     )
 
 

@@ -55,7 +55,7 @@ def _frame(**changes: Any) -> bytes:
 
 
 def _cases(fp: str) -> dict[str, tuple[list[bytes], grpc.StatusCode]]:
-    invalid, exhausted = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+    invalid, out_of_range = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
     sampling_open = _open(fp, sampling=SAMPLING)
     misaligned = pb.EdgeFrame(draft=pb.DraftFrame(position=P, draft_ids=[5, 6], draft_dists=[codec.encode_sparse(Q)]))
     wrong_nested = b"\x12\x03" + b"\x1a\x01x"  # DraftFrame.position (varint) sent length-delimited
@@ -93,7 +93,9 @@ def _cases(fp: str) -> dict[str, tuple[list[bytes], grpc.StatusCode]]:
         ),
         "draft token outside its q": ([sampling_open, _frame(draft_ids=(7,), draft_dists=(Q,))], invalid),
         "tree parents": ([_open(fp), _frame(parents=(-1, -1))], grpc.StatusCode.UNIMPLEMENTED),
-        "context overflow": ([_open(fp, prompt_ids=(5,) * 60), _frame(position=60, draft_ids=(5,) * 8)], exhausted),
+        # The request's own length: OUT_OF_RANGE, never RESOURCE_EXHAUSTED (which reads as "busy").
+        "context overflow": ([_open(fp, prompt_ids=(5,) * 60), _frame(position=60, draft_ids=(5,) * 8)], out_of_range),
+        "prompt leaves no room for a frame": ([_open(fp, prompt_ids=(5,) * 63)], out_of_range),
     }
 
 
@@ -182,3 +184,32 @@ def test_idle_session_times_out(llama_target_dir: Path, fingerprint: str) -> Non
 
     with serve_in_thread(CloudConfig(model_dir=llama_target_dir, session_ttl_s=0.2)) as server:
         assert asyncio.run(run(server.address)) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_length_limits_are_the_requests_own_and_checked_before_prefill(strict_server: Any, fingerprint: str) -> None:
+    """max_context_tokens 64: a 63-token prompt is refused at the handshake (no prefill runs);
+    a 62-token prompt gets exactly one frame of one draft token, then OUT_OF_RANGE naming the budget."""
+    before = strict_server.metrics.snapshot()
+    code, received = asyncio.run(_raw_session(strict_server.address, [_open(fingerprint, prompt_ids=(5,) * 63)]))
+    after = strict_server.metrics.snapshot()
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "max_context_tokens 64" in received[-1].message
+    assert after["prefill_passes"] == before["prefill_passes"]  # refused before any target work
+    assert (
+        after["sessions_total"] == before["sessions_total"] and after["sessions_refused"] == before["sessions_refused"]
+    )
+
+    async def fill(address: str) -> tuple[Verdict, pb.Error, grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = DecodeStream(channel)
+            await stream.open(open_message((5,) * 62, fingerprint, max_new_tokens=16))
+            await stream.send(DraftFrame(seq=0, epoch=0, position=62, draft_ids=(5,)))
+            verdict = await stream.receive()
+            assert isinstance(verdict, Verdict)
+            await stream.send(DraftFrame(seq=1, epoch=verdict.epoch, position=verdict.committed_length, draft_ids=(5,)))
+            error = await stream.receive()
+            assert isinstance(error, pb.Error)
+            return verdict, error, await stream.call.code()
+
+    verdict, error, code = asyncio.run(fill(strict_server.address))
+    assert verdict.committed_length in (63, 64)  # the correction or the bonus fitted
+    assert code == grpc.StatusCode.OUT_OF_RANGE and error.seq == 1 and "budget of 64 tokens" in error.message

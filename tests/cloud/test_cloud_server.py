@@ -171,3 +171,44 @@ def test_stop_drains_in_flight_sessions(llama_target_dir: Path, fingerprint: str
     server.stop()  # idempotent
     with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
         _info(channel)
+
+
+@pytest.mark.parametrize(
+    ("policy", "keeps_connection"),
+    [
+        ({"min_ping_interval_s": 0.5}, True),  # the verifier's policy, scaled down to a fast test
+        ({"min_ping_interval_s": 300.0, "permit_pings_without_calls": False}, False),  # gRPC's default policy
+    ],
+)
+def test_idle_channel_keepalive_is_not_answered_with_goaway(
+    llama_target_dir: Path, policy: dict[str, Any], keeps_connection: bool
+) -> None:
+    """An idle channel that pings faster than gRPC's default policy allows, but slower than
+    the verifier's minimum, keeps its one connection: no GOAWAY too_many_pings, no reconnect."""
+    options = [
+        ("grpc.keepalive_time_ms", 1_000),
+        ("grpc.keepalive_timeout_ms", 2_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    states: list[grpc.ChannelConnectivity] = []
+    with (
+        serve_in_thread(CloudConfig(model_dir=llama_target_dir, **policy)) as server,
+        grpc.insecure_channel(server.address, options=options) as channel,
+    ):
+        _info(channel)
+        channel.subscribe(states.append, try_to_connect=False)
+        time.sleep(4.0)  # four keepalive intervals with no call (gRPC's policy sends GOAWAY at ~3 s)
+        _info(channel)  # the same channel still serves
+    reconnected = any(state is not grpc.ChannelConnectivity.READY for state in states)
+    assert reconnected != keeps_connection, states
+
+
+def test_edge_keepalive_fits_the_verifier_ping_policy() -> None:
+    """The edge's real keepalive interval is comfortably above the verifier's minimum."""
+    from tandemspec.edge.client import _CHANNEL_OPTIONS
+
+    options = dict(_CHANNEL_OPTIONS)
+    config = CloudConfig()
+    assert options["grpc.keepalive_permit_without_calls"] == 1 and config.permit_pings_without_calls
+    assert options["grpc.keepalive_time_ms"] >= 2 * config.min_ping_interval_s * 1e3

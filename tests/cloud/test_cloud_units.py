@@ -7,9 +7,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from tandemspec.cloud.config import CloudConfig, default_model_dir
-from tandemspec.cloud.session import AdmissionBook, Session, SessionError
+from tandemspec.cloud.session import AdmissionBook, Session, SessionError, client_key
 from tandemspec.cloud.target import SessionKV
 from tandemspec.cloud.verify import judge_frame
 from tandemspec.cloud.wire import parse_edge_frame
@@ -20,10 +21,10 @@ from tandemspec.types import DraftFrame, SamplingParams, SessionOpen
 VOCAB = 10
 
 
-def _logits(argmaxes: list[int]) -> np.ndarray:
+def _logits(argmaxes: list[int]) -> torch.Tensor:
     """Rows whose argmax is given: [len, VOCAB]."""
-    logits = np.zeros((len(argmaxes), VOCAB), dtype=np.float32)
-    logits[np.arange(len(argmaxes)), argmaxes] = 5.0
+    logits = torch.zeros((len(argmaxes), VOCAB))
+    logits[torch.arange(len(argmaxes)), argmaxes] = 5.0
     return logits
 
 
@@ -60,23 +61,36 @@ def test_session_rollback_keeps_the_last_token_pending() -> None:
 
 
 def _fake_kv(length: int) -> SessionKV:
-    import torch
-
     layer = (torch.zeros(1, 1, length, 2), torch.zeros(1, 1, length, 2))
     return SessionKV(layers=(layer,), length=length)
 
 
 def test_admission_book_refuses_over_limits() -> None:
-    book = AdmissionBook(max_sessions=2, budget_bytes=100)
-    book.admit(60)
+    book = AdmissionBook(max_sessions=3, budget_bytes=100, per_client=2)
+    book.admit_now("a", 60)
     with pytest.raises(SessionError) as refused:
-        book.admit(50)
+        book.admit_now("b", 50)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    book.admit(40)
-    with pytest.raises(SessionError):
-        book.admit(0)
-    book.release(60)
-    book.admit(10)
+    book.admit_now("a", 40)
+    with pytest.raises(SessionError, match="max_sessions_per_client 2"):
+        book.admit_now("a", 0)
+    book.admit_now("b", 0)
+    with pytest.raises(SessionError, match="full"):
+        book.admit_now("c", 0)
+    book.release("a", 60)
+    book.admit_now("c", 10)
+    assert (book.held_by("a"), book.held_by("b"), book.held_by("c")) == (1, 1, 1)
+
+
+def test_client_key_by_identity_else_host_and_loopback_uncapped() -> None:
+    assert client_key("ipv4:10.0.0.7:5001", "phone-1", authenticated=False) == "10.0.0.7"
+    assert client_key("ipv4:10.0.0.7:5002", "phone-2", authenticated=False) == "10.0.0.7"
+    assert client_key("ipv6:[2001:db8::1]:5001", "", authenticated=False) == "2001:db8::1"
+    assert client_key("ipv4:10.0.0.7:5001", "phone-1", authenticated=True) == "id:phone-1"
+    assert client_key("ipv4:10.0.0.7:5001", "", authenticated=True) == "10.0.0.7"
+    assert client_key("ipv4:127.0.0.1:5001", "", authenticated=False) is None  # the server's own machine
+    assert client_key("ipv6:[::1]:5001", "x", authenticated=False) is None
+    assert client_key("ipv4:127.0.0.1:5001", "x", authenticated=True) == "id:x"
 
 
 def test_wire_parsing_flags_wrong_wire_types_but_allows_unknown_numbers() -> None:
@@ -104,3 +118,57 @@ def test_config_layers_and_validation(tmp_path: Path) -> None:
         CloudConfig(tls_cert=Path("a.pem"))
     with pytest.raises(ValueError):
         CloudConfig(max_sessions=0)
+
+
+_PARAMS = [
+    SamplingParams(temperature=0.8, seed=1),
+    SamplingParams(temperature=1.0, top_k=7, seed=2),
+    SamplingParams(temperature=1.3, top_p=0.9, seed=3),
+    SamplingParams(temperature=0.2, top_p=0.999, seed=4),
+    SamplingParams(temperature=0.7, top_k=40, top_p=0.8, seed=5),
+]
+
+
+@pytest.mark.parametrize("params", _PARAMS)
+def test_device_distributions_equal_the_shared_numpy_ones(params: SamplingParams) -> None:
+    """cloud.probs computes on torch what tandemspec.sampling does in numpy: same support
+    (ties by id), same probabilities, same top-k truncation, same draw for the same generator."""
+    from tandemspec.cloud import probs
+    from tandemspec.sampling import process_logits, sample_dense, truncate
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(5, 3000)).astype(np.float32)
+    logits[:2] = np.round(logits[:2])  # exact ties, also at the cut-offs
+    expected = process_logits(logits, params)
+    got = probs.process_probs(torch.from_numpy(logits), params).numpy()
+    np.testing.assert_array_equal(got > 0, expected > 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
+    for row, row_t in zip(expected, torch.from_numpy(expected), strict=True):
+        assert probs.truncate(row_t, 16).ids == truncate(row, 16).ids
+        for seed in range(20):
+            assert probs.sample(row_t, np.random.default_rng(seed)) == sample_dense(row, np.random.default_rng(seed))
+
+
+def test_device_rejection_sampling_makes_the_numpy_decisions() -> None:
+    """For the same seed, the torch verify path accepts, corrects and adds bonuses exactly as
+    tandemspec.sampling.verify_sampling (the tested reference) does."""
+    from tandemspec.cloud import probs
+    from tandemspec.cloud.verify import verify_sampling as verify_on_device
+    from tandemspec.sampling import process_logits, seeded_rng, truncate, verify_sampling
+
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=1.0, top_k=30)
+    outcomes = set()
+    for trial in range(200):
+        target_logits = rng.normal(scale=2.0, size=(4, 50))
+        p = process_logits(target_logits, params)  # [k + 1, vocab]
+        q_rows = process_logits(target_logits[:3] + rng.normal(scale=0.7, size=(3, 50)), params)  # a close drafter
+        dists = tuple(truncate(row, 8) for row in q_rows)
+        draft = tuple(int(np.random.default_rng(trial + i).choice(d.ids, p=d.probs)) for i, d in enumerate(dists))
+        frame = DraftFrame(seq=0, epoch=0, position=10, draft_ids=draft, draft_dists=dists)
+        expected = verify_sampling(p, draft, dists, seeded_rng(trial, 10))
+        got = verify_on_device(torch.from_numpy(p), frame, seeded_rng(trial, 10))
+        assert got == expected, trial
+        outcomes.add(got.num_accepted)
+    assert outcomes == {0, 1, 2, 3}  # rejections at every position and full blocks (bonus) exercised
+    assert probs.residual(torch.from_numpy(p[0]), dists[0]).sum().item() == pytest.approx(1.0)

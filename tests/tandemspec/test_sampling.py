@@ -11,6 +11,7 @@ from tandemspec.sampling import (
     process_logits,
     residual_distribution,
     seeded_rng,
+    softmax,
     truncate,
     verify_greedy,
     verify_sampling,
@@ -96,6 +97,50 @@ def test_truncate_keeps_support_and_renormalises() -> None:
     assert dist.ids == (1, 3)
     np.testing.assert_allclose(dist.probs, [5 / 9, 4 / 9])
     assert truncate(np.array([0.0, 1.0, 0.0]), max_support=8).ids == (1,)
+
+
+def _reference_process(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The textbook formula: a full stable sort of the vocabulary per row (the fast path must equal it)."""
+    probs = softmax(np.asarray(logits, dtype=np.float64) / params.temperature)
+    vocab = probs.shape[-1]
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_probs = np.take_along_axis(probs, order, axis=-1)
+    if 0 < params.top_k < vocab:
+        sorted_probs = np.where(np.arange(vocab) < params.top_k, sorted_probs, 0.0)
+        sorted_probs /= sorted_probs.sum(axis=-1, keepdims=True)
+    if 0.0 < params.top_p < 1.0:
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        sorted_probs = np.where(mass_before < params.top_p, sorted_probs, 0.0)
+    out = np.empty_like(sorted_probs)
+    np.put_along_axis(out, order, sorted_probs, axis=-1)
+    return out / out.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.0, top_k=7),
+        SamplingParams(temperature=1.3, top_p=0.9),
+        SamplingParams(temperature=0.2, top_p=0.999),  # a nucleus larger than the first head
+        SamplingParams(temperature=3.0, top_p=0.995),  # nearly flat: most of the vocabulary
+        SamplingParams(temperature=0.7, top_k=40, top_p=0.8),
+        SamplingParams(temperature=1.0, top_k=100, top_p=0.99),
+    ],
+)
+def test_fast_processing_and_truncation_equal_the_full_sort(params: SamplingParams) -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=3.0, size=(6, 2000))
+    logits[:3] = np.round(logits[:3])  # many exact ties, also at the top-k and top-p cut-offs
+    fast, reference = process_logits(logits, params), _reference_process(logits, params)
+    np.testing.assert_array_equal(fast > 0, reference > 0)  # the same support, ties included
+    np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-15)
+    for row in reference:
+        for support in (1, 5, 64):
+            order = np.argsort(-row, kind="stable")[: min(support, np.count_nonzero(row))]
+            dist = truncate(row, support)
+            assert dist.ids == tuple(int(i) for i in order)
+            np.testing.assert_allclose(dist.probs, row[order] / row[order].sum(), rtol=1e-12)
 
 
 # ---------------------------------------------------------------- acceptance rule
