@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tandemspec.bench.prompts import def_prefixes, load_prompts
+from tandemspec.edge.devicelog import DeviceLog
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,6 @@ def build_fleet(config: FleetConfig) -> list[DeviceSpec]:
             write_prompts(spec_dir / HELDOUT_NAME, heldout)
             num_gated = round(len(prompts) * config.gated_share)
             started = time.perf_counter()
-            num_tokens = 0
             for mode, part in (("lossless", prompts[num_gated:]), ("gated", prompts[:num_gated])):
                 if not part:
                     continue
@@ -161,8 +161,9 @@ def build_fleet(config: FleetConfig) -> list[DeviceSpec]:
                     return_top_k=config.return_top_k,
                     mode=mode,  # type: ignore[arg-type]
                 )
-                summary = collect(collect_config, prompts=part, cloud=server.address)
-                num_tokens += summary.num_drafted + summary.num_trusted
+                collect(collect_config, prompts=part, cloud=server.address)
+            with DeviceLog(spec_dir / LOG_NAME) as log:
+                num_tokens = log.count()  # trusted tokens that ended a generation unverified are not in it
             logger.info("%s: %d prompts logged in %.1f s", name, len(prompts), time.perf_counter() - started)
             devices.append(DeviceSpec(name, cluster, package, len(prompts), len(heldout), num_tokens))
     finally:
