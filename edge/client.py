@@ -34,13 +34,14 @@ from tandemspec.types import ServerInfo
 
 logger = logging.getLogger(__name__)
 
-_CLOSE_GRACE_S = 1.0  # how long closing the client waits for the last stream to end
+CLOSE_GRACE_S = 1.0  # how long closing waits for a stream the edge ended to be ended by the verifier
 _END = object()  # marks the end of the request or response stream in the queues
 # Keepalive pings even on an idle channel, every 30 s: comfortably above the verifier's
 # minimum ping interval (10 s, cloud/config.py min_ping_interval_s), so the verifier never
 # answers with GOAWAY too_many_pings and an idle daemon's next request finds its connection.
+KEEPALIVE_TIME_MS = 30_000
 _CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (the verifier allows it)
@@ -321,7 +322,7 @@ class VerifierClient:
     def close(self) -> None:
         """Close the channel, after giving the last stream a moment to end cleanly."""
         with self._lock:
-            if self._last_stream is not None and not self._last_stream.wait_closed(_CLOSE_GRACE_S):
+            if self._last_stream is not None and not self._last_stream.wait_closed(CLOSE_GRACE_S):
                 logger.debug("closing the channel with a stream still open")
             self._last_stream = None
             self._drop_channel()

@@ -40,6 +40,7 @@ from typing import Protocol
 import numpy as np
 
 from tandemspec.edge.client import (
+    CLOSE_GRACE_S,
     CloudBusy,
     CloudRefused,
     CloudUnavailable,
@@ -152,6 +153,9 @@ class HybridDecoder:
         self.log = log
         self.policy = policy or FixedLength(self.config.draft_length)
         self.gate = gate  # gated mode's trust decision
+        # The session this decoder ended last: the next one opens once the verifier has ended
+        # it (its SessionDone), so back-to-back generations never find their own slot still held.
+        self.closing_stream: DecodeStream | None = None
 
     def generate(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> GenerationResult:
         """Produce one completion; never raises for a lost cloud (it falls back to ``local``)."""
@@ -270,6 +274,7 @@ class _Generation:
             self.stream.send(SessionClose(reason=reason))
         self.stats.add_stream(self.stream)
         self.stream.close(cancel=reason is None)  # a failure or an exception: abort the call
+        self.decoder.closing_stream = self.stream if reason is not None else None
         self.stream = None
 
     # -- sessions ---------------------------------------------------------------------
@@ -277,6 +282,9 @@ class _Generation:
     def _open(self, kind: SessionKind, max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> DecodeStream:
         """Open a session from the committed sequence, asking for ``max_new_tokens`` more."""
         assert self.decoder.client is not None
+        closing, self.decoder.closing_stream = self.decoder.closing_stream, None
+        if closing is not None and not closing.wait_closed(CLOSE_GRACE_S):
+            logger.debug("the previous session had not ended after %.1f s", CLOSE_GRACE_S)
         self.stream = self.decoder.client.open_stream()
         self.stats.num_sessions += 1
         self.stream.send(
