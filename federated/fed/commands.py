@@ -30,6 +30,22 @@ def quick_config(config: FedConfig) -> FedConfig:
     )
 
 
+def with_settings(config: FedConfig, settings: list[str]) -> FedConfig:
+    """Apply ``KEY=VALUE`` run-config settings (values in TOML syntax; bare words are strings)."""
+    import tomllib
+
+    values = config.to_run_config()
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {setting!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw
+    return FedConfig.from_run_config(values)
+
+
 def simulate(config: FedConfig, num_devices: int, cpus_per_device: float = 1.0) -> None:
     """Run the ServerApp and one ClientApp per device on Flower's simulation engine."""
     from flwr.simulation import run_simulation
@@ -77,6 +93,8 @@ def run_main(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, thresholds=args.thresholds)
     if args.quick:
         config = quick_config(config)
+    if args.set:
+        config = with_settings(config, args.set)
         if args.rounds is None:
             config = dataclasses.replace(config, num_rounds=1)
     if not (fleet_dir / FLEET_FILE).is_file():

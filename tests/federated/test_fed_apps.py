@@ -282,3 +282,61 @@ def test_two_rounds_on_the_simulation_engine(fleet: Path, fed_pair: Path, tmp_pa
     assert set(history[1]["thresholds"]) == {"", "numeric", "tooling"}
     release = current_release(config.out_dir)
     assert release is not None and release.version == "v0003" and release.parent == "v0002"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Path, flwr_home: Path) -> None:
+    """``flwr run .`` (pyproject's [tool.flwr.app]) on a simulation-mode SuperLink started and stopped here."""
+    import httpx
+
+    from tandemspec.federated.fed.server_app import HISTORY_NAME
+
+    port, control = _free_port(), _free_port()
+    flwr_home.mkdir(parents=True)
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\noptions.num-supernodes = {NUM_DEVICES}\n'
+        "options.backend.client-resources.num-cpus = 1\n"
+    )
+    superlink = subprocess.Popen(
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
+         "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory-state:"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        settings = (
+            f"fleet-dir='{fleet}' out-dir='{out}' pair-dir='{fed_pair}' num-rounds=1 local-distill-steps=2 "
+            "local-gate-steps=20 evaluation-max-new-tokens=8"
+        )
+        repo = Path(__file__).parents[2]
+        run = subprocess.run(
+            ["flwr", "run", str(repo), "local", "--stream", "--run-config", settings],
+            capture_output=True, text=True, timeout=540,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    finally:
+        superlink.terminate()
+        try:
+            superlink.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            superlink.kill()
+            superlink.wait()
+    history = json.loads((out / HISTORY_NAME).read_text())
+    assert [r["round"] for r in history] == [0, 1] and history[0]["version"] == "v0001"

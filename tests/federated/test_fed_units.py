@@ -182,3 +182,23 @@ def test_run_config_round_trip_and_refusal() -> None:
     assert FedConfig.from_run_config(config.to_run_config()) == config
     with pytest.raises(ValueError, match="unknown"):
         FedConfig.from_run_config({"num-round": 3})
+
+
+def test_pyproject_run_config_matches_the_defaults() -> None:
+    """``flwr run .`` reads [tool.flwr.app.config]: the same names and defaults as FedConfig."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert set(app["config"]) == set(FedConfig().to_run_config())
+    assert FedConfig.from_run_config(app["config"]) == FedConfig()
+    assert app["components"]["serverapp"].endswith("server_app:app")
+
+
+def test_cli_settings_are_typed_like_the_run_config() -> None:
+    from tandemspec.federated.fed.commands import with_settings
+
+    config = with_settings(FedConfig(), ["local-distill-steps=24", "thresholds=global", "export-dynamo=true"])
+    assert config.local.distill_steps == 24 and config.thresholds == "global" and config.export_dynamo
+    with pytest.raises(ValueError):
+        with_settings(FedConfig(), ["no-such-key=1"])
