@@ -137,6 +137,7 @@ def _fed_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair", type=Path, help="folder with target/, drafter/ and edge/ (default: reference)")
     parser.add_argument("--thresholds", choices=["global", "cluster"], help="gated thresholds (default cluster)")
     parser.add_argument("--quick", action="store_true", help="a 3-device fleet if none is given, short rounds")
+    parser.add_argument("--hierarchical", action="store_true", help="FedAvg per cluster, then clusters equally")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config values ([tool.flwr.app.config] keys)"
     )

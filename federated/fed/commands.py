@@ -89,6 +89,8 @@ def run_main(args: argparse.Namespace) -> int:
     config = FedConfig(fleet_dir=fleet_dir, out_dir=out, num_rounds=args.rounds if args.rounds is not None else 2)
     if args.pair is not None:
         config = dataclasses.replace(config, pair_dir=args.pair)
+    if args.hierarchical:
+        config = dataclasses.replace(config, hierarchical=True)
     if args.thresholds:
         config = dataclasses.replace(config, thresholds=args.thresholds)
     if args.quick:

@@ -30,6 +30,9 @@ class FedConfig:
     # the gated threshold: the most trusting one that still catches this share of rejections
     gate_quality: float = 0.9
     thresholds: ThresholdScope = "cluster"
+    # FedHLM's two levels: FedAvg within each cluster, then the clusters' models averaged with
+    # equal weight (so a cluster of many or chatty devices does not drown a small one)
+    hierarchical: bool = False
     export_dynamo: bool = False  # the TorchScript exporter takes ~3 s for the reference drafter, dynamo ~10 s
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)

@@ -32,6 +32,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from tandemspec.edge.bundle import GATE_NAME
 from tandemspec.federated.fed.config import FedConfig
@@ -114,7 +115,19 @@ class GuardedFedAvg(FedAvg):
             self._round.bytes_up_per_client = float(np.mean([m.content["arrays"].count_bytes() for m in kept]))
         if not kept:
             return None, None
-        return super().aggregate_train(server_round, kept)
+        if not self.config.hierarchical:
+            return super().aggregate_train(server_round, kept)
+        by_cluster: dict[str, list[Message]] = {}
+        for m in kept:
+            by_cluster.setdefault(_cluster(m), []).append(m)
+        cluster_models = [super(GuardedFedAvg, self).aggregate_train(server_round, ms)[0] for ms in by_cluster.values()]
+        equal = [
+            RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+            for arrays in cluster_models
+            if arrays is not None
+        ]
+        _, metrics = super().aggregate_train(server_round, kept)
+        return aggregate_arrayrecords(equal, "num-examples"), metrics
 
     # -- 2. thresholds and staging, 3. decoding --------------------------------------------
 
@@ -207,6 +220,11 @@ class GuardedFedAvg(FedAvg):
         write_history(self.config.out_dir, self.history)
 
 
+def _cluster(message: Message) -> str:
+    device = message.content["device"]
+    return str(device.get("cluster", "")) if isinstance(device, ConfigRecord) else ""
+
+
 def _scalar(record: Any, key: str) -> float:
     """A number of a reply's MetricRecord (anything else is a malformed reply)."""
     value = record[key]
@@ -236,7 +254,7 @@ def _sum_curves(replies: Iterable[Message]) -> dict[str, CostCurve]:
             num_rejected=_scalar(metrics, "num-rejected"),
             num_tokens=_scalar(metrics, "num-examples"),
         )
-        cluster = str(m.content["device"].get("cluster", ""))
+        cluster = _cluster(m)
         for key in {"", cluster}:
             curves[key] = curves[key] + curve if key in curves else curve
     if "" not in curves:
@@ -265,7 +283,7 @@ def _fleet_metrics(replies: list[Message]) -> tuple[dict[str, float], dict[str, 
     totals: dict[str, dict[str, float]] = {}
     for m in replies:
         metrics = m.content["metrics"]
-        cluster = str(m.content["device"].get("cluster", ""))
+        cluster = _cluster(m)
         for key in {"", cluster}:
             bucket = totals.setdefault(key, dict.fromkeys(_SUM_KEYS, 0.0))
             for name in _SUM_KEYS:

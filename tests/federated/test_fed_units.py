@@ -97,7 +97,7 @@ def _reply(content: RecordDict, node: int) -> Message:
     return Message(content=content, metadata=metadata)
 
 
-def _train_reply(arrays: dict[str, np.ndarray], num_examples: int, node: int) -> Message:
+def _train_reply(arrays: dict[str, np.ndarray], num_examples: int, node: int, cluster: str = "a") -> Message:
     from flwr.app import Array
 
     record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -106,7 +106,7 @@ def _train_reply(arrays: dict[str, np.ndarray], num_examples: int, node: int) ->
             {
                 "arrays": record,
                 "metrics": MetricRecord({"num-examples": num_examples}),
-                "device": ConfigRecord({"name": f"d{node}", "cluster": "a"}),
+                "device": ConfigRecord({"name": f"d{node}", "cluster": cluster}),
             }
         ),
         node,
@@ -137,6 +137,23 @@ def test_strategy_drops_bad_updates_and_averages_the_rest_by_examples(tmp_path: 
     # Only bad updates: no candidate at all.
     strategy._round = RoundLog(round=2)
     assert strategy.aggregate_train(2, [_train_reply(with_nan, 10, 3)]) == (None, None)
+
+
+def test_hierarchical_mode_averages_within_clusters_then_clusters_equally(tmp_path: Path) -> None:
+    """FedHLM's two levels: cluster a = FedAvg of its two devices by examples, then a and b count the same."""
+    model = _model()
+    initial = to_arrays(model)
+    strategy = GuardedFedAvg(FedConfig(out_dir=tmp_path, hierarchical=True), initial, cloud="127.0.0.1:1")
+    strategy._round = RoundLog(round=1)
+    a, b, c = (_perturbed(model, 0.01, seed) for seed in (1, 2, 3))
+    replies = [_train_reply(a, 30, 1, "a"), _train_reply(b, 10, 2, "a"), _train_reply(c, 1000, 3, "b")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    merged = flat_numpy(arrays)
+    for key in a:
+        np.testing.assert_allclose(
+            merged[key], 0.5 * (0.75 * a[key] + 0.25 * b[key]) + 0.5 * c[key], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_acceptance_guard() -> None:
