@@ -82,6 +82,7 @@ def run_main(args: argparse.Namespace) -> int:
     """``tandem fed run``."""
     import json
 
+    from tandemspec.federated.fed.report import write_report
     from tandemspec.federated.fed.server_app import HISTORY_NAME
 
     out: Path = args.out or Path("runs/fed")
@@ -122,5 +123,6 @@ def run_main(args: argparse.Namespace) -> int:
         return 1
     history = [RoundLog(**r) for r in json.loads(history_path.read_text())]
     print(format_history(history))
+    print(f"table: {write_report(out)}")
     print(f"{len(devices)} devices; bundles under {out}, current -> {(out / 'current').resolve().name}")
     return 0

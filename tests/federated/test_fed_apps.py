@@ -282,6 +282,10 @@ def test_two_rounds_on_the_simulation_engine(fleet: Path, fed_pair: Path, tmp_pa
     assert set(history[1]["thresholds"]) == {"", "numeric", "tooling"}
     release = current_release(config.out_dir)
     assert release is not None and release.version == "v0003" and release.parent == "v0002"
+    from tandemspec.federated.fed.report import write_report
+
+    table = write_report(config.out_dir, plot=False).read_text().splitlines()
+    assert len(table) == 2 + 3 and table[2].startswith("| 0 | v0001 | yes |")
 
 
 def _free_port() -> int:
