@@ -195,6 +195,10 @@ def test_published_versions_chain_and_stay_lossless(fleet: Path, fed_pair: Path,
     for name, digest in release.files.items():
         assert sha256_file(out / CURRENT_NAME / name) == digest
     assert load_bundle(out / CURRENT_NAME).manifest.model_version == "v0002"  # verifies the manifest's hashes
+    # A later run on the same --out starts from current's weights, not the pair's.
+    resumed = from_arrays(initial_arrays(config))
+    for key, value in model.drafter.items():
+        np.testing.assert_array_equal(resumed.drafter[key], value)
 
     target = AutoModelForCausalLM.from_pretrained(fed_pair / "target", dtype=torch.float32).eval()
     server = serve_in_thread(CloudConfig(model_dir=fed_pair / "target", host="127.0.0.1", port=0, dtype="float32"))
