@@ -30,6 +30,8 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "max_sessions": args.max_sessions,
+        "max_sessions_per_client": args.max_sessions_per_client,
+        "session_idle_s": args.session_idle_s,
         "batch_window_ms": args.batch_window_ms,
         "batching": False if args.no_batching else None,
         "metrics_port": args.metrics_port,

@@ -123,7 +123,11 @@ def _cloud_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-token-file", type=Path, help="require this bearer token")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
-    parser.add_argument("--max-sessions", type=int)
+    parser.add_argument("--max-sessions", type=int, help="sessions at once (default 64)")
+    parser.add_argument(
+        "--max-sessions-per-client", type=int, help="most one client may hold (default a quarter of --max-sessions)"
+    )
+    parser.add_argument("--session-idle-s", type=float, help="end a session that sends nothing this long (default 30)")
     parser.add_argument("--batch-window-ms", type=float, help="how long the scheduler gathers a batch")
     parser.add_argument("--no-batching", action="store_true", help="verify each frame on its own")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")

@@ -172,3 +172,15 @@ def test_device_rejection_sampling_makes_the_numpy_decisions() -> None:
         outcomes.add(got.num_accepted)
     assert outcomes == {0, 1, 2, 3}  # rejections at every position and full blocks (bonus) exercised
     assert probs.residual(torch.from_numpy(p[0]), dists[0]).sum().item() == pytest.approx(1.0)
+
+
+def test_serve_flags_reach_the_config() -> None:
+    from tandemspec.cli import build_parser
+    from tandemspec.cloud.commands import build_config
+
+    args = build_parser().parse_args(
+        ["cloud", "serve", "--max-sessions", "12", "--max-sessions-per-client", "5", "--session-idle-s", "7.5"]
+    )
+    config = build_config(args)
+    assert (config.max_sessions, config.max_sessions_per_client, config.session_idle_s) == (12, 5, 7.5)
+    assert config.client_session_cap == 5
