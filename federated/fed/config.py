@@ -33,6 +33,11 @@ class FedConfig:
     # FedHLM's two levels: FedAvg within each cluster, then the clusters' models averaged with
     # equal weight (so a cluster of many or chatty devices does not drown a small one)
     hierarchical: bool = False
+    # Flower's server-side fixed clipping (DifferentialPrivacyServerSideFixedClipping): each
+    # update's distance to the global model is clipped to ``dp_clipping_norm`` (0 = off) and
+    # Gaussian noise of std ``dp_noise_multiplier`` x norm / devices is added to the average
+    dp_clipping_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
     export_dynamo: bool = False  # the TorchScript exporter takes ~3 s for the reference drafter, dynamo ~10 s
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from tandemspec.edge.bundle import GATE_NAME
@@ -220,6 +220,25 @@ class GuardedFedAvg(FedAvg):
         write_history(self.config.out_dir, self.history)
 
 
+class GuardedDpClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping around :class:`GuardedFedAvg`, clipping against the *accepted* model.
+
+    Flower's loop hands ``configure_train`` the last aggregate, which after a round the
+    acceptance guard refused is not the model devices train from.
+    """
+
+    def __init__(
+        self, strategy: GuardedFedAvg, noise_multiplier: float, clipping_norm: float, num_clients: int
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_clients)
+        self.guarded = strategy
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_train(server_round, self.guarded.accepted, config, grid)
+
+
 def _cluster(message: Message) -> str:
     device = message.content["device"]
     return str(device.get("cluster", "")) if isinstance(device, ConfigRecord) else ""
@@ -328,14 +347,18 @@ def run_rounds(grid: Grid, config: FedConfig) -> list[RoundLog]:
     arrays = initial_arrays(config)
     server = serve_in_thread(CloudConfig(model_dir=config.resolved_pair() / "target", host="127.0.0.1", port=0))
     try:
-        strategy = GuardedFedAvg(config, arrays, server.address)
-        baseline = strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
-        strategy.aggregate_evaluate(0, grid.send_and_receive(baseline))
+        guarded = GuardedFedAvg(config, arrays, server.address)
+        baseline = guarded.configure_evaluate(0, arrays, ConfigRecord(), grid)
+        guarded.aggregate_evaluate(0, grid.send_and_receive(baseline))
+        strategy: FedAvg | GuardedDpClipping = guarded
+        if config.dp_clipping_norm > 0:
+            num_clients = len(list(grid.get_node_ids()))
+            strategy = GuardedDpClipping(guarded, config.dp_noise_multiplier, config.dp_clipping_norm, num_clients)
         if config.num_rounds > 0:
             strategy.start(grid=grid, initial_arrays=arrays, num_rounds=config.num_rounds)
     finally:
         server.stop()
-    return strategy.history
+    return guarded.history
 
 
 def make_server_app(config: FedConfig | None = None) -> ServerApp:

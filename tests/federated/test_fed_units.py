@@ -156,6 +156,27 @@ def test_hierarchical_mode_averages_within_clusters_then_clusters_equally(tmp_pa
         )
 
 
+def test_dp_clipping_clips_against_the_accepted_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's fixed clipping around the guard: updates are clipped to C around the model devices trained from."""
+    from tandemspec.federated.fed.guard import update_distance
+    from tandemspec.federated.fed.server_app import GuardedDpClipping
+
+    model = _model()
+    accepted = to_arrays(model)
+    guarded = GuardedFedAvg(FedConfig(out_dir=tmp_path), accepted, cloud="127.0.0.1:1")
+    strategy = GuardedDpClipping(guarded, noise_multiplier=0.0, clipping_norm=0.5, num_clients=2)
+    rejected_candidate = to_arrays(GlobalModel(model.gate, {k: v + 5.0 for k, v in model.drafter.items()}))
+    monkeypatch.setattr(guarded, "configure_train", lambda *args: [])  # sending needs a running Flower task
+    strategy.configure_train(1, rejected_candidate, ConfigRecord(), None)  # type: ignore[arg-type]
+    assert strategy.current_arrays is accepted
+    guarded._round = RoundLog(round=1)  # configure_train opens the round's log
+    far = [_perturbed(model, 1.0, seed) for seed in (1, 2)]
+    arrays, _ = strategy.aggregate_train(1, [_train_reply(far[0], 10, 1), _train_reply(far[1], 10, 2)])
+    assert arrays is not None
+    distance = update_distance(flat_numpy(arrays), flat_numpy(accepted))
+    assert math.sqrt(sum(d * d for d in distance.values())) <= 0.5 + 1e-4
+
+
 def test_acceptance_guard() -> None:
     assert not acceptance_dropped(2.0, None, 0.02)
     assert not acceptance_dropped(2.97, 3.0, 0.02)
