@@ -147,6 +147,14 @@ def _fed_run_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _fed_central_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fleet", type=Path, required=True, help="fleet folder from `tandem fed fleet`")
+    parser.add_argument("--out", type=Path, required=True, help="where history.json and rounds.md go")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of pooled training after round 0")
+    parser.add_argument("--pair", type=Path, help="folder with target/, drafter/ and edge/ (default: reference)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config values")
+
+
 def _fed_fleet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="fleet folder to create")
     parser.add_argument("--devices", type=int, default=8, help="virtual devices (one installed package each)")

@@ -10,6 +10,7 @@ token-weighted.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,13 @@ class EvalSums:
     bytes_up: int
     bytes_down: int
 
+    def __add__(self, other: EvalSums) -> EvalSums:
+        return EvalSums(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
+
     def metrics(self) -> dict[str, float]:
-        """Means of these sums."""
+        """Means of these sums (and the number of prompts)."""
         return {
+            "num-prompts": self.num_prompts,
             "accepted-length": self.lossless_committed / max(self.lossless_rounds, 1),
             "lossless-passes-per-token": self.lossless_passes / max(self.lossless_tokens, 1),
             "gated-passes-per-token": self.gated_passes / max(self.gated_tokens, 1),

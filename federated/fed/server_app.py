@@ -20,6 +20,7 @@ target, for the run's length.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from tandemspec.edge.bundle import GATE_NAME
 from tandemspec.federated.fed.config import FedConfig
+from tandemspec.federated.fed.evaluate import EvalSums
 from tandemspec.federated.fed.guard import acceptance_dropped, screen_updates
 from tandemspec.federated.fed.publish import (
     CURRENT_NAME,
@@ -188,7 +190,7 @@ class GuardedFedAvg(FedAvg):
             if m.has_error():
                 logger.warning("round %d: evaluation failed on node %d: %s", server_round, m.metadata.src_node_id,
                                m.error.reason)  # fmt: skip
-        overall, by_cluster = _fleet_metrics(valid)
+        overall, by_cluster = fleet_metrics((_cluster(m), _sums(m)) for m in valid)
         self._round.metrics = overall
         self._round.cluster_metrics = by_cluster
         candidate = overall.get("accepted-length", float("nan"))
@@ -281,36 +283,21 @@ def _sum_curves(replies: Iterable[Message]) -> dict[str, CostCurve]:
     return curves
 
 
-_SUM_KEYS = (
-    "num_prompts", "lossless_rounds", "lossless_committed", "lossless_tokens", "lossless_passes",
-    "gated_tokens", "gated_passes", "gated_matching", "bytes_up", "bytes_down",
-)  # fmt: skip
+def _sums(message: Message) -> EvalSums:
+    metrics = message.content["metrics"]
+    return EvalSums(**{f.name: int(_scalar(metrics, f.name)) for f in dataclasses.fields(EvalSums)})
 
 
-def _means(sums: dict[str, float]) -> dict[str, float]:
-    return {
-        "accepted-length": sums["lossless_committed"] / max(sums["lossless_rounds"], 1),
-        "lossless-passes-per-token": sums["lossless_passes"] / max(sums["lossless_tokens"], 1),
-        "gated-passes-per-token": sums["gated_passes"] / max(sums["gated_tokens"], 1),
-        "gated-match": sums["gated_matching"] / max(sums["gated_tokens"], 1),
-        "num-prompts": sums["num_prompts"],
-    }
-
-
-def _fleet_metrics(replies: list[Message]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Token-weighted fleet and per-cluster means of the devices' evaluation sums."""
-    totals: dict[str, dict[str, float]] = {}
-    for m in replies:
-        metrics = m.content["metrics"]
-        cluster = _cluster(m)
+def fleet_metrics(rows: Iterable[tuple[str, EvalSums]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Token-weighted fleet and per-cluster means of (cluster, evaluation sums) per device."""
+    totals: dict[str, EvalSums] = {}
+    for cluster, sums in rows:
         for key in {"", cluster}:
-            bucket = totals.setdefault(key, dict.fromkeys(_SUM_KEYS, 0.0))
-            for name in _SUM_KEYS:
-                bucket[name] += _scalar(metrics, name)
+            totals[key] = totals[key] + sums if key in totals else sums
     if "" not in totals:
         return {}, {}
-    overall = _means(totals.pop(""))
-    return overall, {cluster: _means(sums) for cluster, sums in totals.items()}
+    overall = totals.pop("")
+    return overall.metrics(), {cluster: sums.metrics() for cluster, sums in totals.items()}
 
 
 def write_history(out_dir: Path, history: list[RoundLog]) -> None:

@@ -348,3 +348,15 @@ def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Pa
             superlink.wait()
     history = json.loads((out / HISTORY_NAME).read_text())
     assert [r["round"] for r in history] == [0, 1] and history[0]["version"] == "v0001"
+
+
+def test_centralised_bound_trains_on_the_pooled_logs(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
+    """``fed central``: round 0 and one pooled round, every device's held-out prompts decoded, nothing published."""
+    from tandemspec.federated.fed.centralised import run_central
+
+    config = replace(_config(fleet, fed_pair, tmp_path / "central"), num_rounds=1)
+    history = run_central(config)
+    assert [r.round for r in history] == [0, 1]
+    assert all(r.metrics["num-prompts"] == 2 * NUM_DEVICES for r in history)
+    assert set(history[1].cluster_metrics) == {"numeric", "tooling"}
+    assert current_release(config.out_dir) is None

@@ -1,0 +1,114 @@
+"""``tandem fed central``: the centralised upper bound - the same training on the fleet's pooled logs, no Flower.
+
+Per round the pooled log trains the gate and distils the drafter with the devices' local
+settings times the number of devices (the compute a federated round spends in all),
+thresholds come from the pooled cost curves (globally and per cluster, as the ServerApp
+sets them), and every device's held-out prompts are decoded with that round's bundle
+through a local verifier. ``OUT/history.json`` has the federated run's format, so
+``rounds.md`` compares line by line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+
+from tandemspec.federated.fed.config import FedConfig
+from tandemspec.federated.fed.evaluate import EvalSums, evaluate_bundle
+from tandemspec.federated.fed.fleet import read_fleet, read_heldout
+from tandemspec.federated.fed.publish import discard, stage_version
+from tandemspec.federated.fed.server_app import RoundLog, fleet_metrics, initial_arrays, write_history
+from tandemspec.federated.fed.tasks import (
+    CostCurve,
+    LocalData,
+    cost_curve,
+    distill_local,
+    read_local,
+    threshold_for_catch,
+    train_gate_local,
+)
+from tandemspec.federated.fed.weights import GlobalModel, from_arrays
+from tandemspec.federated.gate import forward
+
+
+def pooled(parts: list[LocalData]) -> LocalData:
+    """Every device's rows in one data set."""
+    return LocalData(
+        features=np.concatenate([p.features for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        examples=tuple(e for p in parts for e in p.examples),
+    )
+
+
+def run_central(config: FedConfig) -> list[RoundLog]:
+    """Round 0 (the starting model) and ``num_rounds`` rounds of pooled training, each evaluated by decoding."""
+    from tandemspec.cloud.config import CloudConfig
+    from tandemspec.cloud.server import serve_in_thread
+
+    devices = read_fleet(config.fleet_dir)
+    data = [read_local(d.log_path(config.fleet_dir)) for d in devices]
+    everything = pooled(data)
+    steps = dataclasses.replace(
+        config.local,
+        gate_steps=config.local.gate_steps * len(devices),
+        distill_steps=config.local.distill_steps * len(devices),
+    )
+    model = from_arrays(initial_arrays(config))  # nothing is published under OUT: the pair's models
+    pair = config.resolved_pair()
+    history: list[RoundLog] = []
+    server = serve_in_thread(CloudConfig(model_dir=pair / "target", host="127.0.0.1", port=0))
+    try:
+        for round_number in range(config.num_rounds + 1):
+            started = time.perf_counter()
+            if round_number > 0:
+                round_steps = dataclasses.replace(steps, seed=steps.seed + 1000 * round_number)
+                gate, _, _ = train_gate_local(model.gate, everything, round_steps)
+                drafter, _, _ = distill_local(pair / "drafter", model.drafter, everything, round_steps)
+                model = GlobalModel(gate, drafter)
+            curves: dict[str, CostCurve] = {}
+            for device, part in zip(devices, data, strict=True):
+                curve = cost_curve(forward(model.gate, part.features), part.labels, config.local.curve_temperature)
+                for key in {"", device.cluster}:
+                    curves[key] = curves[key] + curve if key in curves else curve
+            thresholds = {key: threshold_for_catch(c, config.gate_quality) for key, c in curves.items()}
+            if config.thresholds == "global":
+                thresholds = {"": thresholds[""]}
+            staged = stage_version(
+                config.out_dir, model, pair / "edge", pair / "drafter", curves[""], thresholds, config.export_dynamo
+            )
+            rows: list[tuple[str, EvalSums]] = []
+            for device in devices:
+                threshold = thresholds.get(device.cluster, thresholds[""])
+                prompts = read_heldout(config.fleet_dir, device)
+                rows.append(
+                    (device.cluster, evaluate_bundle(staged, server.address, prompts, threshold, config.evaluation))
+                )
+            discard(staged)
+            overall, by_cluster = fleet_metrics(rows)
+            history.append(
+                RoundLog(round=round_number, accepted=True, num_updates=1, metrics=overall,
+                         cluster_metrics=by_cluster, thresholds=thresholds, wall_s=time.perf_counter() - started)
+            )  # fmt: skip
+            write_history(config.out_dir, history)
+    finally:
+        server.stop()
+    return history
+
+
+def central_main(args: argparse.Namespace) -> int:
+    """``tandem fed central``."""
+    from tandemspec.federated.fed.commands import format_history, with_settings
+    from tandemspec.federated.fed.report import write_report
+
+    config = FedConfig(fleet_dir=args.fleet, out_dir=args.out, num_rounds=args.rounds)
+    if args.pair is not None:
+        config = dataclasses.replace(config, pair_dir=args.pair)
+    if args.set:
+        config = with_settings(config, args.set)
+    history = run_central(config)
+    print(format_history(history))
+    print(f"table: {write_report(config.out_dir)}")
+    return 0
