@@ -21,6 +21,7 @@ config's ``fleet-dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,7 @@ def train_reply(message: Message, context: Context, config: FedConfig) -> Messag
     settings = message.content["config"]
     assert isinstance(settings, ConfigRecord)
     server_round = int(str(settings.get("server-round", 0)))
-    local = config.local
-    seed_config = type(local)(**{**local.__dict__, "seed": local.seed + 1000 * server_round})
+    seed_config = dataclasses.replace(config.local, seed=config.local.seed + 1000 * server_round)
     arrays = message.content["arrays"]
     assert isinstance(arrays, ArrayRecord)
     model = from_arrays(arrays)
