@@ -303,8 +303,6 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Path, flwr_home: Path) -> None:
     """``flwr run .`` (pyproject's [tool.flwr.app]) on a simulation-mode SuperLink started and stopped here."""
-    import httpx
-
     from tandemspec.federated.fed.server_app import HISTORY_NAME
 
     port, control = _free_port(), _free_port()
@@ -322,13 +320,7 @@ def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Pa
     )  # fmt: skip
     out = tmp_path / "out"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(port)
         settings = (
             f"fleet-dir='{fleet}' out-dir='{out}' pair-dir='{fed_pair}' num-rounds=1 local-distill-steps=2 "
             "local-gate-steps=20 evaluation-max-new-tokens=8"
@@ -340,12 +332,7 @@ def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Pa
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     finally:
-        superlink.terminate()
-        try:
-            superlink.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            superlink.kill()
-            superlink.wait()
+        _stop(superlink)
     history = json.loads((out / HISTORY_NAME).read_text())
     assert [r["round"] for r in history] == [0, 1] and history[0]["version"] == "v0001"
 
@@ -360,3 +347,76 @@ def test_centralised_bound_trains_on_the_pooled_logs(fleet: Path, fed_pair: Path
     assert all(r.metrics["num-prompts"] == 2 * NUM_DEVICES for r in history)
     assert set(history[1].cluster_metrics) == {"numeric", "tooling"}
     assert current_release(config.out_dir) is None
+
+
+def _wait_healthy(port: int, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing healthy on port {port}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_deployment_on_loopback(fleet: Path, fed_pair: Path, tmp_path: Path, flwr_home: Path) -> None:
+    """SuperLink + one SuperNode per device on loopback; each SuperNode names its own log in --node-config."""
+    from tandemspec.federated.fed.server_app import HISTORY_NAME
+
+    devices = read_fleet(fleet)[:2]
+    port = _free_port()
+    flwr_home.mkdir(parents=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    processes = [
+        subprocess.Popen(
+            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+             "--control-api-address", f"127.0.0.1:{_free_port()}", "--disable-runtime-dependency-installation",
+             "--database", ":flwr-in-memory-state:"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    try:
+        _wait_healthy(port)
+        for d in devices:
+            node_config = (
+                f"log-db='{d.log_path(fleet)}' heldout='{d.heldout_path(fleet)}' cluster='{d.cluster}' name='{d.name}'"
+            )
+            processes.append(
+                subprocess.Popen(
+                    ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+                     "--port", str(_free_port()), "--node-config", node_config],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        settings = (
+            f"fleet-dir='{tmp_path / 'no-fleet'}' out-dir='{out}' pair-dir='{fed_pair}' num-rounds=1 "
+            "local-distill-steps=2 local-gate-steps=20 evaluation-max-new-tokens=8"
+        )
+        run = subprocess.run(
+            ["flwr", "run", str(Path(__file__).parents[2]), "local", "--stream", "--run-config", settings],
+            capture_output=True, text=True, timeout=540,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+    history = json.loads((out / HISTORY_NAME).read_text())
+    assert [r["round"] for r in history] == [0, 1] and history[1]["num_updates"] == len(devices)
+    assert history[0]["metrics"]["num-prompts"] == 2 * len(devices)
