@@ -304,6 +304,12 @@ VERBS: tuple[Verb, ...] = (
         "tandemspec.federated.fed.commands:run_main",
     ),
     Verb(
+        ("fed", "central"),
+        "the centralised upper bound: the same training on the fleet's pooled logs",
+        _fed_central_args,
+        "tandemspec.federated.fed.centralised:central_main",
+    ),
+    Verb(
         ("fed", "fleet"),
         "make virtual devices with non-IID device logs from installed packages' sources",
         _fed_fleet_args,

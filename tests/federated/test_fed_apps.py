@@ -315,7 +315,7 @@ def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Pa
     superlink = subprocess.Popen(
         ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
          "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
-         "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory-state:"],
+         "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     out = tmp_path / "out"
@@ -387,7 +387,7 @@ def test_deployment_on_loopback(fleet: Path, fed_pair: Path, tmp_path: Path, flw
         subprocess.Popen(
             ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
              "--control-api-address", f"127.0.0.1:{_free_port()}", "--disable-runtime-dependency-installation",
-             "--database", ":flwr-in-memory-state:"],
+             "--database", ":flwr-in-memory:"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
     ]  # fmt: skip
