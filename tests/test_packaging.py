@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE_DIRS = ("tandemspec", "protos", "edge", "cloud", "federated")
+SOURCE_DIRS = ("tandemspec", "protos", "edge", "cloud", "federated", "models")
 
 
 def declared_packages() -> list[str]:
@@ -59,6 +59,9 @@ def test_wheel_contains_subpackages_and_stubs(tmp_path: Path) -> None:
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     for stub in ("tandem_pb2.py", "tandem_pb2.pyi", "tandem_pb2_grpc.py", "tandem.proto"):
         assert f"tandemspec/protos/{stub}" in names, stub
-    assert not any(name.split("/")[0] in {"edge", "cloud", "protos", "federated"} for name in names)
+    assert not any(name.split("/")[0] in {"edge", "cloud", "protos", "federated", "models"} for name in names)
+    # The reference pair ships inside the wheel: default paths work after a non-editable install.
+    for part in ("target/model.safetensors", "target/tokenizer.json", "edge/drafter.onnx", "edge/manifest.json"):
+        assert f"tandemspec/models/reference/{part}" in names, part
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "tandem = tandemspec.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
