@@ -6,11 +6,14 @@ Policy (after SpecEdge's lessons, docs/architecture.md "Cloud verifier"):
   when it is full or when every active session already has a step in it (waiting longer
   could add nothing); it pads only to what is in it;
 * prefills of new sessions never join a step batch that others wait on: they run as their
-  own forward passes of at most ``prefill_chunk_tokens`` tokens, one chunk between step
-  batches, so a long prompt delays a batch by at most one chunk;
+  own forward passes of at most ``prefill_chunk_tokens`` tokens between step batches, so a
+  long prompt delays a batch by at most one chunk; while both wait, prefill chunks get as
+  much forward time as the step batch before them had (a busy verifier keeps admitting:
+  under a churn of short sessions prefills would otherwise pile up behind the steps);
 * among waiting prefills the one with the fewest tokens left goes next (shortest remaining
   first), so a short handshake waits for at most one chunk of the long prompts ahead of it,
-  not for all of them; a long prompt advances whenever no shorter one waits;
+  not for all of them; a prefill waiting longer than ``prefill_max_wait_s`` goes first
+  (oldest first), so no prompt is starved by a stream of shorter ones;
 * the target runs in one worker thread, so the event loop keeps serving streams while it
   computes, and forward passes never overlap.
 
@@ -42,6 +45,7 @@ class BatchPolicy:
     window_s: float = 0.002
     max_batch_size: int = 32
     prefill_chunk_tokens: int = 128
+    prefill_max_wait_s: float = 0.5  # past this wait a prefill is served oldest-first, whatever its length
 
 
 @dataclass(frozen=True)
@@ -136,33 +140,46 @@ class BatchScheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            step_s = 0.0
             if self._steps:
                 batch = await self._gather()
                 if batch:
-                    await self._execute(batch)
-            if self._prefills:
-                await self._prefill_chunk()
+                    step_s = await self._execute(batch)
+            prefill_s = 0.0
+            while self._prefills and (prefill_s == 0.0 or prefill_s < step_s):
+                prefill_s += await self._prefill_chunk()
 
-    async def _prefill_chunk(self) -> None:
-        """Feed one chunk of the waiting prompt with the fewest tokens left (ties: the oldest)."""
+    async def _prefill_chunk(self) -> float:
+        """Feed one chunk of the next waiting prompt; returns the forward's seconds (0 when none ran).
+
+        Next: the oldest prompt that has waited ``prefill_max_wait_s``, else the one with the
+        fewest tokens left (ties: the oldest).
+        """
         self._prefills = [job for job in self._prefills if not job.future.done()]  # drop cancelled sessions'
         if not self._prefills:
-            return
-        job = min(self._prefills, key=lambda j: (j.num_remaining, j.arrived_s))
+            return 0.0
+        now = self._clock()
+        overdue = [j for j in self._prefills if now - j.arrived_s >= self._policy.prefill_max_wait_s]
+        if overdue:
+            job = min(overdue, key=lambda j: j.arrived_s)
+        else:
+            job = min(self._prefills, key=lambda j: (j.num_remaining, j.arrived_s))
         start = job.kv.length
         chunk = job.input_ids[start : start + self._policy.prefill_chunk_tokens]
+        started = self._clock()
         try:
             (output,) = await self._forward([ForwardRow(job.kv, chunk, num_logits=0)], phase="prefill")
         except Exception as error:  # a failed forward fails its session, not the server
             self._prefills.remove(job)
             if not job.future.done():
                 job.future.set_exception(error)
-            return
+            return self._clock() - started
         job.kv = output.kv
         if job.num_remaining == 0:
             self._prefills.remove(job)
             if not job.future.done():
                 job.future.set_result(job.kv)
+        return max(self._clock() - started, 1e-9)  # > 0: a chunk ran
 
     async def _gather(self) -> list[_Job]:
         """Wait for the batch window (unless the batch is full), then take up to a batch of live steps."""
@@ -187,17 +204,20 @@ class BatchScheduler:
         live = sum(1 for job in self._steps if not job.future.done())
         return live >= self._policy.max_batch_size or live >= self._active_sessions
 
-    async def _execute(self, batch: list[_Job]) -> None:
+    async def _execute(self, batch: list[_Job]) -> float:
+        """Run one step batch; returns its forward's seconds."""
+        started = self._clock()
         try:
             outputs = await self._forward([job.row for job in batch], phase="step")
         except Exception as error:  # a failed forward fails its sessions, not the server
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(error)
-            return
+            return self._clock() - started
         for job, output in zip(batch, outputs, strict=True):
             if not job.future.done():
                 job.future.set_result(output)
+        return self._clock() - started
 
     async def _forward(self, rows: list[ForwardRow], phase: str) -> list[ForwardOutput]:
         """One target forward pass on the worker thread (``phase``: prefill or step), recorded."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -57,3 +57,39 @@ def test_a_short_prefill_waits_for_one_chunk_not_for_every_long_prompt(llama_tar
         for (k1, v1), (k2, v2) in zip(kv.layers, whole.layers, strict=True):
             torch.testing.assert_close(k1, k2, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(v1, v2, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prefill_past_its_longest_wait_goes_first(llama_target_dir: Path) -> None:
+    """Shortest-first alone starves a long prompt behind a stream of short ones; once a prompt
+    has waited ``prefill_max_wait_s`` it goes first (oldest first)."""
+    target = TargetModel.load(llama_target_dir, "cpu")
+    long_prompt = tuple(j % 380 + 3 for j in range(400))
+    short_prompts = [(5, 9, 11 + i) for i in range(5)]
+
+    def finishing_order(clock: Callable[[], float]) -> list[str]:
+        async def run() -> list[str]:
+            policy = BatchPolicy(prefill_max_wait_s=0.5)
+            scheduler = BatchScheduler(target, policy, VerifierMetrics(), clock=clock)
+            scheduler.start()
+            order: list[str] = []
+
+            async def prefill(name: str, prompt: tuple[int, ...]) -> None:
+                await scheduler.prefill(prompt)
+                order.append(name)
+
+            try:
+                tasks = [asyncio.create_task(prefill("long", long_prompt))]
+                await asyncio.sleep(0)
+                tasks += [asyncio.create_task(prefill(f"short{i}", p)) for i, p in enumerate(short_prompts)]
+                await asyncio.gather(*tasks)
+            finally:
+                await scheduler.close()
+            return order
+
+        return asyncio.run(run())
+
+    frozen = finishing_order(lambda: 0.0)  # nobody is ever overdue: shortest first
+    assert frozen[-1] == "long"
+    ticks = iter(range(10**6))
+    aging = finishing_order(lambda: float(next(ticks)))  # a second per reading: the long prompt is overdue
+    assert aging.index("long") < len(short_prompts)  # it no longer waits for every shorter one
