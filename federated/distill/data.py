@@ -281,26 +281,30 @@ def build_text(seed: int, corpus_files: Sequence[Path] = (), doc_root: Path | No
 
 
 def draft_vocabulary(
-    token_rows: Iterable[Sequence[int]], size: int, vocab_size: int, always: Sequence[int]
+    primary: Iterable[Sequence[int]],
+    secondary: Iterable[Sequence[int]],
+    size: int,
+    vocab_size: int,
+    always: Sequence[int],
 ) -> list[int]:
-    """The ``size`` most frequent ids of the data (ties by id), ``always`` included, sorted."""
-    counts: Counter[int] = Counter()
-    for row in token_rows:
-        counts.update(row)
-    chosen = [int(i) for i in always if 0 <= i < vocab_size]
-    seen = set(chosen)
-    for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+    """``size`` ids, sorted: ``always``, then by frequency in ``primary``, then in ``secondary`` (ties by id)."""
+    first: Counter[int] = Counter()
+    for row in primary:
+        first.update(row)
+    second: Counter[int] = Counter()
+    for row in secondary:
+        second.update(row)
+    chosen = {int(i) for i in always if 0 <= i < vocab_size}
+    ranked = sorted(set(first) | set(second), key=lambda t: (-first[t], -second[t], t))
+    for token in ranked:
         if len(chosen) >= size:
             break
-        if token not in seen:
-            chosen.append(token)
-            seen.add(token)
+        if 0 <= token < vocab_size:
+            chosen.add(int(token))
     for token in range(vocab_size):  # a tiny corpus may not fill the head: pad with low ids
         if len(chosen) >= size:
             break
-        if token not in seen:
-            chosen.append(token)
-            seen.add(token)
+        chosen.add(token)
     return sorted(chosen)
 
 

@@ -54,16 +54,19 @@ def chain_rounds(model: torch.nn.Module, prompt: list[int], answer: list[int], k
     while done < len(answer):
         pending = torch.tensor([sequence[cached:]])
         drafts: list[int] = []
-        for _ in range(k):
+        for offset in range(k):
             logits = model(input_ids=pending, past_key_values=cache, use_cache=True).logits[0, -1]
             drafts.append(int(logits.argmax()))
+            # Drafts after the first mismatch (or past the answer) are rejected whatever they are: skip them.
+            if done + offset + 1 >= len(answer) or drafts[-1] != answer[done + offset]:
+                break
             pending = torch.tensor([[drafts[-1]]])
         matched = 0
-        while matched < k and done + matched < len(answer) and drafts[matched] == answer[done + matched]:
+        while matched < len(drafts) and done + matched < len(answer) and drafts[matched] == answer[done + matched]:
             matched += 1
         step = min(matched + 1, len(answer) - done)
-        # The cache holds sequence + drafts[:k-1]; the accepted drafts stay, the rest is rolled back.
-        keep = len(sequence) + min(matched, k - 1, step)
+        # The cache holds sequence + drafts[:-1]; the accepted drafts stay, the rest is rolled back.
+        keep = len(sequence) + min(matched, len(drafts) - 1, step)
         cache.crop(-(cache.get_seq_length() - keep))  # transformers 5: a negative count of tokens to drop
         sequence += answer[done : done + step]
         cached = keep

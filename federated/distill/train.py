@@ -106,6 +106,7 @@ class DistillConfig:
     eval_windows: int = 8
     eval_accept_prompts: int = 8  # periodic evals simulate k=4 on this many prompts (the report on all)
     log_every_steps: int = 10
+    vocab_steps: int = 64  # the target-answer chunks among the first steps choose the draft vocabulary
     committed_dtype: str = "float16"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -197,33 +198,61 @@ class Distiller:
             held_stream = np.concatenate([np.asarray([*ids, eos], dtype=np.int32) for ids in held])
             prompts_train = [self._render(p) for p in text.prompts_train]
             prompts_held = [self._render(p) for p in text.prompts_held_out]
-            vocab = int(self.target.config.vocab_size)
-            special = sorted(set(self.tokenizer.all_special_ids) | set(self.eos_ids))
-            draft_ids = draft_vocabulary(
-                [train_stream.tolist(), *prompts_train], self.config.shape.draft_vocab_size, vocab, special
-            )
             data = {
                 "train_stream": train_stream,
                 "held_stream": held_stream,
                 "prompts_train": prompts_train,
                 "prompts_held": prompts_held,
-                "draft_ids": draft_ids,
             }
             torch.save(data, data_path)
             logger.info(
-                "tokens: %d train, %d held-out; draft vocabulary %d (%.0f s)",
+                "tokens: %d train, %d held-out (%.0f s)",
                 len(train_stream),
                 len(held_stream),
-                len(draft_ids),
                 time.perf_counter() - started,
             )
         self.train_stream: np.ndarray = data["train_stream"]
         self.prompts_train: list[list[int]] = data["prompts_train"]
-        self.draft_ids = torch.tensor(data["draft_ids"], dtype=torch.int64)
+        self.held_out = self._held_out(data)
+        self.draft_ids = torch.tensor(self._draft_vocabulary(data), dtype=torch.int64)
         vocab = int(self.target.config.vocab_size)
         self.full_to_draft = torch.full((vocab,), -1, dtype=torch.int64)
         self.full_to_draft[self.draft_ids] = torch.arange(len(self.draft_ids))
-        self.held_out = self._held_out(data)
+
+    def _draft_vocabulary(self, data: dict[str, Any]) -> list[int]:
+        """The draft head's ids: what the target itself predicts first, then the corpus's most frequent.
+
+        The target's top-1 over the chunks of the first ``vocab_steps`` training steps whose source
+        is ``target`` (its own chat answers, made here and reused by training) ranks first, as
+        EAGLE-3 draws its draft vocabulary from target-generated data; corpus frequency fills the
+        rest. Built once (``draft_vocab.json``).
+        """
+        path = self.work / "draft_vocab.json"
+        if path.exists():
+            return [int(i) for i in json.loads(path.read_text())]
+        started = time.perf_counter()
+        config = self.config
+        predicted: list[list[int]] = []
+        for step in range(config.vocab_steps):
+            if config.mix[step % len(config.mix)] == "target":
+                chunk = self.chunk(step, None)
+                predicted.append(chunk.topk_ids[..., 0][chunk.loss_mask].tolist())
+        vocab = int(self.target.config.vocab_size)
+        special = sorted(set(self.tokenizer.all_special_ids) | set(self.eos_ids))
+        corpus = [data["train_stream"].tolist(), *data["prompts_train"]]
+        ids = draft_vocabulary(predicted, corpus, config.shape.draft_vocab_size, vocab, special)
+        path.write_text(json.dumps(ids) + "\n")
+        held_answers = [t for answer in self.held_out.chat_answers for t in answer]
+        chosen = set(ids)
+        coverage = sum(t in chosen for t in held_answers) / max(1, len(held_answers))
+        logger.info(
+            "draft vocabulary: %d ids from %d target-predicted tokens; covers %.3f of held-out answer tokens (%.0f s)",
+            len(ids),
+            sum(len(p) for p in predicted),
+            coverage,
+            time.perf_counter() - started,
+        )
+        return ids
 
     def _held_out(self, data: dict[str, Any]) -> HeldOutSet:
         path = self.work / "held_out.pt"
@@ -278,7 +307,7 @@ class Distiller:
         picks = self._rng(step, 2).integers(0, len(self.prompts_train), self.config.rows_per_chunk)
         return [self.prompts_train[int(i)][: self.config.seq_len // 2] for i in picks]
 
-    def make_chunk(self, step: int, drafter: DraftHeadModel) -> ScoredChunk:
+    def make_chunk(self, step: int, drafter: DraftHeadModel | None) -> ScoredChunk:
         """The fresh chunk of ``step``: rows from its source, scored by the target."""
         config = self.config
         source = config.mix[step % len(config.mix)]
@@ -294,6 +323,7 @@ class Distiller:
             rows = [p + a for p, a in zip(prompts, answers, strict=True)]
         else:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            assert drafter is not None, "on-policy chunks need the drafter"
             drafter.eval()
             prompts = self._chat_prompts(step)
             rows = [
@@ -306,7 +336,7 @@ class Distiller:
         ids, mask = self._pad_rows(rows)
         return score(self.target, ids, mask, config.top_k)
 
-    def chunk(self, step: int, drafter: DraftHeadModel) -> ScoredChunk:
+    def chunk(self, step: int, drafter: DraftHeadModel | None) -> ScoredChunk:
         """The cached chunk of ``step``, made and stored first if absent."""
         path = self.chunk_dir / f"{step:08d}.pt"
         if path.exists():

@@ -29,6 +29,38 @@ def doc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def trained_target(tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama after a few seconds of next-token training on stdlib code: a target with structure.
+
+    A random target's next token is an arbitrary function of the context, which no drafter can
+    learn from a few thousand tokens; a briefly trained one predicts like a (weak) language model.
+    """
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from tandemspec.federated.distill.teacher import load_target
+    from tandemspec.federated.reference.corpus import read_texts, split_corpus
+    from tandemspec.federated.reference.train import TokenStream, encode_documents, lm_loss
+
+    source = tiny_model_dir("llama", 0)
+    model = load_target(source).train()
+    stream = TokenStream(encode_documents(source / "tokenizer.json", read_texts(split_corpus().train[:60])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(120):
+        loss = lm_loss(model, stream.windows(np.random.default_rng([7, step]), 16, 49))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = tmp_path_factory.mktemp("trained")
+    model.eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, out / name)
+    return out
+
+
 def _config(target: Path, tmp_path: Path, doc_root: Path, steps: int, name: str = "run"):  # type: ignore[no-untyped-def]
     from tandemspec.federated.distill.train import DistillConfig, DrafterShape
 
@@ -52,15 +84,14 @@ def _config(target: Path, tmp_path: Path, doc_root: Path, steps: int, name: str 
         eval_accept_prompts=None,  # type: ignore[arg-type]
         checkpoint_every_s=1e9,
         log_every_steps=10_000,
+        vocab_steps=8,
     )
 
 
-def test_distill_raises_agreement_over_its_initialisation(
-    tiny_model_dir: Callable[..., Path], tmp_path: Path, doc_root: Path
-) -> None:
+def test_distill_raises_agreement_over_its_initialisation(trained_target: Path, tmp_path: Path, doc_root: Path) -> None:
     from tandemspec.federated.distill.train import Distiller
 
-    distiller = Distiller(_config(tiny_model_dir("llama", 0), tmp_path, doc_root, steps=40))
+    distiller = Distiller(_config(trained_target, tmp_path, doc_root, steps=40))
     distiller.setup()
     before = distiller.evaluate(distiller.initial_drafter(), None)
     after = distiller.evaluate(distiller.train(), None)
@@ -142,3 +173,23 @@ def test_reduced_head_bundle_matches_torch(
     worst = export_draft_bundle(tmp_path / "drafter", tmp_path / "edge", dynamo=False, tolerance=1e-4)
     assert worst < 1e-4
     assert load_bundle(tmp_path / "edge").manifest.vocab_size == 384
+
+
+def test_chain_simulation_equals_the_reference_formula(tiny_model_dir: Callable[..., Path]) -> None:
+    """The KV-cached simulation (drafting stops at the first mismatch) == the reference's generate-per-round one."""
+    import torch
+
+    from tandemspec.federated.distill.evaluate import HeldOutSet, mean_accepted_length
+    from tandemspec.federated.distill.teacher import load_target
+    from tandemspec.federated.reference.evaluate import greedy_continuation
+    from tandemspec.federated.reference.evaluate import mean_accepted_length as reference_accepted_length
+
+    target = load_target(tiny_model_dir("llama", 0))
+    drafter = load_target(tiny_model_dir("llama", 1, 0.05))
+    prompts = [torch.randint(3, 384, (1, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    answers = [greedy_continuation(target, p, 24) for p in prompts]
+    held_out = HeldOutSet([p[0].tolist() for p in prompts], answers, torch.zeros(0, 8).long(), torch.zeros(0, 8).long())
+    for k in (2, 4, 6):
+        want = reference_accepted_length(drafter, prompts, answers, k)
+        assert mean_accepted_length(drafter, held_out, k) == pytest.approx(want)
+        assert want > 1.2  # the drafter often agrees: the comparison exercises accepted runs and rollbacks

