@@ -17,8 +17,6 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
-
 from tandemspec.federated.distill.model import cut_layer_drafter
 from tandemspec.federated.distill.report import (
     REPORT_NAME,
@@ -70,6 +68,13 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     )
 
 
+def head_coverage(distiller: Distiller) -> float:
+    """Share of the held-out answer tokens that the draft head can propose (an upper bound on agreement)."""
+    head = set(distiller.draft_ids.tolist())
+    tokens = [t for answer in distiller.held_out.chat_answers for t in answer]
+    return sum(t in head for t in tokens) / max(1, len(tokens))
+
+
 def report(distiller: Distiller, baselines: tuple[int, ...], export: bool, command: str) -> dict[str, object]:
     """Held-out figures of the latest drafter beside cut-layer baselines; bundle and card into ``out_dir``."""
     from tandemspec.federated.distill.bundle import export_draft_bundle
@@ -100,18 +105,18 @@ def report(distiller: Distiller, baselines: tuple[int, ...], export: bool, comma
         stored = cached[key]
         accepted = {int(k): v for k, v in stored["mean_accepted_length"].items()}  # JSON keys are strings
         figures.append(DrafterFigures(**(stored | {"mean_accepted_length": accepted})))
-    checkpoint = config.work_dir / "checkpoint.pt"
-    state = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else {}
+    state = distiller.loaded_checkpoint  # the checkpoint the figures were measured on
     evals = (
         (config.work_dir / "eval.jsonl").read_text().splitlines() if (config.work_dir / "eval.jsonl").exists() else []
     )
     training = {
-        "steps": state.get("step", 0),
-        "train_minutes": round(float(state.get("elapsed_s", 0.0)) / 60, 1),
-        "tokens_trained": state.get("tokens", 0),
+        "steps": state["step"],
+        "train_minutes": round(float(state["elapsed_s"]) / 60, 1),
+        "tokens_trained": state["tokens"],
         "shape": {"num_layers": config.shape.num_layers, "draft_vocab_size": config.shape.draft_vocab_size},
         "objective": config.objective,
         "mix": list(config.mix),
+        "draft_head_covers_held_out_answer_tokens": round(head_coverage(distiller), 4),
         "held_out_chat_answers": len(distiller.held_out.chat_answers),
         "held_out_answer_tokens": sum(len(a) for a in distiller.held_out.chat_answers),
         "eval_history": [json.loads(line) for line in evals],

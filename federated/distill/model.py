@@ -180,7 +180,7 @@ def commit_parts(drafter_dir: Path, out_dir: Path) -> None:
     """Copy what is committed of a drafter (no embedding, no tokenizer: both come from the target)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", DRAFT_CONFIG_NAME, COMMITTED_WEIGHTS_NAME):
-        shutil.copy(drafter_dir / name, out_dir / name)
+        shutil.copyfile(drafter_dir / name, out_dir / name)  # default permissions, not safetensors' 0600
 
 
 def _spec_from(path: Path) -> DraftHeadSpec:

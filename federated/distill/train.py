@@ -479,8 +479,11 @@ class Distiller:
         self.setup()
         drafter = self.initial_drafter()
         checkpoint = self.work / CHECKPOINT_NAME
+        self.loaded_checkpoint: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "tokens": 0}
         if checkpoint.exists():
-            drafter.load_state_dict(torch.load(checkpoint, weights_only=False)["model"], strict=False)
+            state = torch.load(checkpoint, weights_only=False)
+            drafter.load_state_dict(state["model"], strict=False)
+            self.loaded_checkpoint = {key: state[key] for key in self.loaded_checkpoint}
         return drafter.eval()
 
 

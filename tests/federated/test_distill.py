@@ -193,3 +193,24 @@ def test_chain_simulation_equals_the_reference_formula(tiny_model_dir: Callable[
         want = reference_accepted_length(drafter, prompts, answers, k)
         assert mean_accepted_length(drafter, held_out, k) == pytest.approx(want)
         assert want > 1.2  # the drafter often agrees: the comparison exercises accepted runs and rollbacks
+
+
+def test_distill_command_writes_drafter_report_bundle_and_card(
+    trained_target: Path, tmp_path: Path, doc_root: Path
+) -> None:
+    """``tandem distill`` end to end: a few steps, then drafter/, edge/, report.json (with a baseline) and README.md."""
+    import json
+
+    from tandemspec.cli import main
+    from tandemspec.edge.bundle import load_bundle
+
+    out = tmp_path / "out"
+    flags = ["--steps", "4", "--layers", "1", "--draft-vocab", "256", "--seq-len", "48", "--answer-tokens", "16"]
+    flags += ["--eval-prompts", "4", "--eval-answer-tokens", "8", "--baselines", "1", "--doc-root", str(doc_root)]
+    assert main(["distill", "--target", str(trained_target), "--out", str(out), *flags]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [d["name"] for d in report["drafters"]] == ["distilled", "cut-layer, 1 layers, full head"]
+    assert report["training"]["steps"] == 4
+    assert all(d["ms_per_token_onnx"] > 0 for d in report["drafters"])
+    assert load_bundle(out / "edge").manifest.vocab_size == 384
+    assert "accepted length k=4" in (out / "README.md").read_text()
