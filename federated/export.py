@@ -66,7 +66,6 @@ class ExportConfig:
     opset: int = 18
     gate_path: Path | None = None  # an ONNX gate graph to include as gate.onnx
     tolerance: float = 1e-3  # max |onnx - torch| relative to max(1, max |torch|)
-    dynamo: bool = True  # the legacy TorchScript exporter (False) is faster but deprecated
 
 
 @dataclass(frozen=True)
@@ -200,10 +199,7 @@ def export_onnx(model: PreTrainedModel, manifest: BundleManifest, path: Path, co
     input_names, output_names = _io_names(m.num_layers)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
-        if config.dynamo:
-            _export_dynamo(wrapper, (input_ids, mask, positions, *past), input_names, output_names, path, config, m)
-        else:
-            _export_legacy(wrapper, (input_ids, mask, positions, *past), input_names, output_names, path, config)
+        _export_dynamo(wrapper, (input_ids, mask, positions, *past), input_names, output_names, path, config, m)
     if parameter_bytes > _EXTERNAL_DATA_BYTES:
         logger.info("weights stored next to the graph in %s.data", path.name)
 
@@ -242,33 +238,6 @@ def _export_dynamo(
         external_data=parameter_bytes > _EXTERNAL_DATA_BYTES,
         optimize=True,
         verbose=False,
-    )
-
-
-def _export_legacy(
-    wrapper: DrafterWrapper,
-    args: tuple[torch.Tensor, ...],
-    input_names: list[str],
-    output_names: list[str],
-    path: Path,
-    config: ExportConfig,
-) -> None:
-    axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"},
-    }
-    axes.update({name: {0: "batch", 1: "past"} for name in input_names[3:]})
-    axes.update({name: {0: "batch", 1: "seq"} for name in output_names})
-    torch.onnx.export(
-        wrapper,
-        args,
-        str(path),
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_axes=axes,
-        opset_version=config.opset,
-        dynamo=False,
     )
 
 

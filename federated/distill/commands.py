@@ -85,7 +85,7 @@ def report(distiller: Distiller, baselines: tuple[int, ...], export: bool, comma
     drafter_dir = distiller.publish(drafter)
     edge_dir = config.out_dir / "edge"
     if export:
-        export_draft_bundle(drafter_dir, edge_dir, dynamo=False)
+        export_draft_bundle(drafter_dir, edge_dir)
     figures: list[DrafterFigures] = [
         measure("distilled", drafter, distiller.held_out, edge_dir if export else None, config.threads)
     ]

@@ -88,7 +88,7 @@ def export_plain(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) -> 
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer_dir / name).is_file():
                 shutil.copy(tokenizer_dir / name, folder / name)
-        export_bundle(ExportConfig(drafter_dir=folder, out_dir=out_dir, dynamo=False))
+        export_bundle(ExportConfig(drafter_dir=folder, out_dir=out_dir))
 
 
 def machine() -> str:

@@ -76,9 +76,7 @@ def run_central(config: FedConfig) -> list[RoundLog]:
             thresholds = {key: threshold_for_catch(c, config.gate_quality) for key, c in curves.items()}
             if config.thresholds == "global":
                 thresholds = {"": thresholds[""]}
-            staged = stage_version(
-                config.out_dir, model, pair / "edge", pair / "drafter", curves[""], thresholds, config.export_dynamo
-            )
+            staged = stage_version(config.out_dir, model, pair / "edge", pair / "drafter", curves[""], thresholds)
             rows: list[tuple[str, EvalSums]] = []
             for device in devices:
                 threshold = thresholds.get(device.cluster, thresholds[""])

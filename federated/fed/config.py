@@ -38,7 +38,6 @@ class FedConfig:
     # Gaussian noise of std ``dp_noise_multiplier`` x norm / devices is added to the average
     dp_clipping_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
-    export_dynamo: bool = False  # the TorchScript exporter takes ~3 s for the reference drafter, dynamo ~10 s
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 

@@ -105,7 +105,6 @@ def stage_version(
     drafter_template: Path,
     curve: CostCurve | None,
     thresholds: Mapping[str, float],
-    dynamo: bool = False,
 ) -> Path:
     """Build a complete bundle for ``model`` in ``OUT/.staging/``; returns its folder (not yet published)."""
     import torch
@@ -127,7 +126,7 @@ def stage_version(
     gate_path = work / GATE_NAME
     onnx.save(to_onnx(model.gate), str(gate_path))
     bundle = work / "bundle"
-    export_bundle(ExportConfig(drafter_dir=hf_dir, out_dir=bundle, gate_path=gate_path, dynamo=dynamo))
+    export_bundle(ExportConfig(drafter_dir=hf_dir, out_dir=bundle, gate_path=gate_path))
     _write_gate_json(bundle, base_bundle, curve, thresholds)
     weights = {k: np.ascontiguousarray(v, np.float32) for k, v in model.drafter.items()}
     save_file(weights, str(bundle / DRAFTER_WEIGHTS_NAME))

@@ -163,7 +163,6 @@ class GuardedFedAvg(FedAvg):
             pair / "drafter",
             curves.get(""),
             thresholds,
-            dynamo=self.config.export_dynamo,
         )
         self._round.thresholds = thresholds
         self._candidate = arrays

@@ -170,7 +170,7 @@ def test_reduced_head_bundle_matches_torch(
     target_dir = tiny_model_dir("llama", 0)
     drafter = draft_head_from_target(load_target(target_dir), 1, torch.arange(0, 384, 2))
     save_drafter(drafter, tmp_path / "drafter", tiny_tokenizer_dir, torch.float16)
-    worst = export_draft_bundle(tmp_path / "drafter", tmp_path / "edge", dynamo=False, tolerance=1e-4)
+    worst = export_draft_bundle(tmp_path / "drafter", tmp_path / "edge", tolerance=1e-4)
     assert worst < 1e-4
     assert load_bundle(tmp_path / "edge").manifest.vocab_size == 384
 

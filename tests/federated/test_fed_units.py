@@ -236,7 +236,7 @@ def test_pyproject_run_config_matches_the_defaults() -> None:
 def test_cli_settings_are_typed_like_the_run_config() -> None:
     from tandemspec.federated.fed.commands import with_settings
 
-    config = with_settings(FedConfig(), ["local-distill-steps=24", "thresholds=global", "export-dynamo=true"])
-    assert config.local.distill_steps == 24 and config.thresholds == "global" and config.export_dynamo
+    config = with_settings(FedConfig(), ["local-distill-steps=24", "thresholds=global", "gate-quality=0.8"])
+    assert config.local.distill_steps == 24 and config.thresholds == "global" and config.gate_quality == 0.8
     with pytest.raises(ValueError):
         with_settings(FedConfig(), ["no-such-key=1"])
