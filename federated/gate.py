@@ -193,7 +193,7 @@ def _init_layers(dims: list[int], rng: np.random.Generator) -> list[np.ndarray]:
     return params
 
 
-def _gradients(params: list[np.ndarray], x: np.ndarray, y: np.ndarray, weight_decay: float) -> list[np.ndarray]:
+def gradients(params: list[np.ndarray], x: np.ndarray, y: np.ndarray, weight_decay: float) -> list[np.ndarray]:
     """Backprop of mean cross-entropy + L2 on weights through Linear(-ReLU-Linear)*."""
     activations = [x]
     h = x
@@ -223,7 +223,7 @@ def _fit(x: np.ndarray, y: np.ndarray, dims: list[int], config: TrainConfig, see
     batch = min(config.batch_size, len(y))
     for step in range(1, config.steps + 1):
         rows = rng.integers(0, len(y), batch)
-        grads = _gradients(params, x[rows], y[rows], config.weight_decay)
+        grads = gradients(params, x[rows], y[rows], config.weight_decay)
         for p, g, m, v in zip(params, grads, first, second, strict=True):
             m *= beta1
             m += (1 - beta1) * g

@@ -1,7 +1,7 @@
 """What one device does in a round, on its own log only: gate training, its cost curve, drafter distillation.
 
 * Gate: a few Adam steps (Kingma & Ba, arXiv:1412.6980) of the cloud-labelled BCE from the
-  global gate (:func:`tandemspec.federated.gate._gradients`, the central trainer's backprop);
+  global gate (:func:`tandemspec.federated.gate.gradients`, the central trainer's backprop);
   the standardiser stays the global one.
 * Cost curve (FedHLM's threshold objective): per threshold of a fixed grid, the tokens the
   gate would trust although the target rejects them (*missed*) and the tokens it would send
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tandemspec.edge.devicelog import DeviceLog
-from tandemspec.federated.gate import GateModel, _gradients, forward, read_log
+from tandemspec.federated.gate import GateModel, forward, gradients, read_log
 
 # Thresholds on p(accept) where each device reports its cost curve (the server's grid too).
 THRESHOLD_GRID: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace(0.0, 1.0, 51), 4))
@@ -112,7 +112,7 @@ def train_gate_local(gate: GateModel, data: LocalData, config: LocalTrainConfig)
     before = log_loss(forward(gate, data.features), data.labels)
     for step in range(1, config.gate_steps + 1):
         rows = rng.integers(0, len(y), batch)
-        grads = _gradients(params, x[rows], y[rows], config.gate_weight_decay)
+        grads = gradients(params, x[rows], y[rows], config.gate_weight_decay)
         for p, g, m, v in zip(params, grads, first, second, strict=True):
             m *= beta1
             m += (1 - beta1) * g
