@@ -217,20 +217,34 @@ def _fit(x: np.ndarray, y: np.ndarray, dims: list[int], config: TrainConfig, see
     """Mini-batch Adam (Kingma & Ba, arXiv:1412.6980) on standardised ``x`` [n, dim]."""
     rng = np.random.default_rng(seed)
     params = _init_layers(dims, rng)
+    adam_steps(params, x, y, config.steps, config.batch_size, config.learning_rate, config.weight_decay, rng)
+    return params
+
+
+def adam_steps(
+    params: list[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    rng: np.random.Generator,
+) -> None:
+    """``steps`` mini-batch Adam steps (Kingma & Ba, arXiv:1412.6980) on ``params``, in place."""
     first = [np.zeros_like(p) for p in params]
     second = [np.zeros_like(p) for p in params]
     beta1, beta2 = 0.9, 0.999
-    batch = min(config.batch_size, len(y))
-    for step in range(1, config.steps + 1):
+    batch = min(batch_size, len(y))
+    for step in range(1, steps + 1):
         rows = rng.integers(0, len(y), batch)
-        grads = gradients(params, x[rows], y[rows], config.weight_decay)
+        grads = gradients(params, x[rows], y[rows], weight_decay)
         for p, g, m, v in zip(params, grads, first, second, strict=True):
             m *= beta1
             m += (1 - beta1) * g
             v *= beta2
             v += (1 - beta2) * g * g
-            p -= config.learning_rate * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + 1e-8)
-    return params
+            p -= learning_rate * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + 1e-8)
 
 
 def standardiser(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

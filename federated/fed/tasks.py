@@ -1,7 +1,7 @@
 """What one device does in a round, on its own log only: gate training, its cost curve, drafter distillation.
 
 * Gate: a few Adam steps (Kingma & Ba, arXiv:1412.6980) of the cloud-labelled BCE from the
-  global gate (:func:`tandemspec.federated.gate.gradients`, the central trainer's backprop);
+  global gate (:func:`tandemspec.federated.gate.adam_steps`, the central trainer's optimiser);
   the standardiser stays the global one.
 * Cost curve (FedHLM's threshold objective): per threshold of a fixed grid, the tokens the
   gate would trust although the target rejects them (*missed*) and the tokens it would send
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tandemspec.edge.devicelog import DeviceLog
-from tandemspec.federated.gate import GateModel, forward, gradients, read_log
+from tandemspec.federated.gate import GateModel, adam_steps, forward, read_log
 
 # Thresholds on p(accept) where each device reports its cost curve (the server's grid too).
 THRESHOLD_GRID: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace(0.0, 1.0, 51), 4))
@@ -104,21 +104,9 @@ def train_gate_local(gate: GateModel, data: LocalData, config: LocalTrainConfig)
     x = ((data.features - gate.mean) / gate.std).astype(np.float64)  # [n, dim], the global standardiser
     y = data.labels.astype(np.float64)
     params = [a.astype(np.float64) for layer in gate.layers for a in layer]
-    first = [np.zeros_like(p) for p in params]
-    second = [np.zeros_like(p) for p in params]
-    beta1, beta2 = 0.9, 0.999
     rng = np.random.default_rng(config.seed)
-    batch = min(config.gate_batch, len(y))
     before = log_loss(forward(gate, data.features), data.labels)
-    for step in range(1, config.gate_steps + 1):
-        rows = rng.integers(0, len(y), batch)
-        grads = gradients(params, x[rows], y[rows], config.gate_weight_decay)
-        for p, g, m, v in zip(params, grads, first, second, strict=True):
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * g * g
-            p -= config.gate_lr * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + 1e-8)
+    adam_steps(params, x, y, config.gate_steps, config.gate_batch, config.gate_lr, config.gate_weight_decay, rng)
     layers = tuple((params[i].astype(np.float32), params[i + 1].astype(np.float32)) for i in range(0, len(params), 2))
     trained = GateModel(kind=gate.kind, mean=gate.mean, std=gate.std, layers=layers)
     return trained, before, log_loss(forward(trained, data.features), data.labels)
