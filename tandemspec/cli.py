@@ -201,7 +201,12 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
-    parser.add_argument("--pair", type=Path, help="folder with target/ and edge/ (default: models/reference)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--pair", type=Path, help="folder with target/ and edge/ (default: the SmolLM2 chat pair, pulled on first use)"
+    )
+    which.add_argument("--reference", action="store_true", help="the small reference pair embedded in the package")
+    parser.add_argument("--cache-dir", type=Path, help="where pulled pairs are cached (default ~/.cache/tandemspec)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
 
