@@ -75,6 +75,7 @@ class BundleManifest:
     model_version: str = ""  # bumped by federated publishing
     # The tokenizer's special tokens by name ("bos_token": "<s>", ...): the chat template's variables.
     special_tokens: dict[str, str] = field(default_factory=dict)
+    weights: str = "float32"  # the drafter graph's weights: "float32", or "int8" after `tandem quantize`
 
     def to_json(self) -> str:
         """Serialise as pretty JSON (stable key order)."""

@@ -198,6 +198,11 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True)
 
 
+def _quantize_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="edge bundle to quantise")
+    parser.add_argument("--out", type=Path, required=True, help="where the int8 bundle goes")
+
+
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--mode", choices=["lossless", "gated", "local", "cloud"], default="lossless")
@@ -349,6 +354,12 @@ VERBS: tuple[Verb, ...] = (
         "turn a drafter into an edge bundle (ONNX)",
         _export_args,
         "tandemspec.federated.export:export_main",
+    ),
+    Verb(
+        ("quantize",),
+        "an edge bundle with int8 drafter weights (ONNX Runtime dynamic quantisation), measured against the float one",
+        _quantize_args,
+        "tandemspec.federated.quantize:quantize_main",
     ),
     Verb(
         ("bench",),
