@@ -300,10 +300,7 @@ def export_bundle(config: ExportConfig) -> tuple[BundleManifest, ParityReport]:
         export_onnx(model, manifest, staging / DRAFTER_NAME, config)
         manifest = replace(manifest, special_tokens=write_tokenizer(drafter_dir, staging))
         if config.gate_path is not None:
-            shutil.copy(config.gate_path, staging / GATE_NAME)
-            report_path = Path(config.gate_path).with_name("gate.json")  # its version and held-out report
-            if report_path.is_file():
-                shutil.copy(report_path, staging / report_path.name)
+            copy_gate(Path(config.gate_path), staging)
         names = sorted(p.name for p in staging.iterdir() if p.is_file())
         manifest = replace(manifest, files=hash_files(staging, names))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
@@ -314,6 +311,14 @@ def export_bundle(config: ExportConfig) -> tuple[BundleManifest, ParityReport]:
             shutil.rmtree(staging)
     logger.info("exported %s to %s (worst parity error %.2e)", drafter_dir, out_dir, report.worst)
     return manifest, report
+
+
+def copy_gate(gate_path: Path, out_dir: Path) -> None:
+    """Put a gate graph into a bundle folder as ``gate.onnx``, with the ``gate.json`` beside it (version, report)."""
+    shutil.copy(gate_path, out_dir / GATE_NAME)
+    report_path = gate_path.with_name("gate.json")
+    if report_path.is_file():
+        shutil.copy(report_path, out_dir / report_path.name)
 
 
 def write_tokenizer(drafter_dir: Path, out_dir: Path) -> dict[str, str]:

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 TARGET_DIR_NAME = "target"
 DRAFTER_DIR_NAME = "drafter"
 EDGE_DIR_NAME = "edge"
+GATE_DIR_NAME = "gate"  # models/<name>/gate/: gate.onnx + gate.json trained on the pair's device logs
 _HASH_CHUNK_BYTES = 1 << 20
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -248,13 +249,18 @@ def build_drafter(config: PullConfig, target: Path) -> Path | None:
     if config.export_edge:
         edge = config.pair_dir / EDGE_DIR_NAME
         edge_marker = config.pair_dir / "edge.json"
+        # The pair's uncertainty gate, when one was trained on its logs, goes into the bundle too.
+        gate = shipped.parent / GATE_DIR_NAME / "gate.onnx"
+        shipped_gate = gate if gate.is_file() else None
+        if shipped_gate is not None:
+            fingerprint += "+gate:" + committed_fingerprint(gate.parent)
         if edge_marker.is_file() and json.loads(edge_marker.read_text()).get("committed") == fingerprint:
             print(f"edge bundle cached: {edge}", flush=True)
         else:
             from tandemspec.federated.distill.bundle import export_draft_bundle
 
             print("exporting the edge bundle (ONNX) ...", flush=True)
-            export_draft_bundle(drafter, edge)
+            export_draft_bundle(drafter, edge, gate_path=shipped_gate)
             edge_marker.write_text(json.dumps({"committed": fingerprint}, indent=2) + "\n")
     return drafter
 

