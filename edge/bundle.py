@@ -76,6 +76,15 @@ class BundleManifest:
     # The tokenizer's special tokens by name ("bos_token": "<s>", ...): the chat template's variables.
     special_tokens: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def version_label(self) -> str:
+        """The name responses, ``/health`` and metrics give this bundle: its published version
+        (``v0003``), or for an unpublished bundle a digest of its file hashes."""
+        if self.model_version:
+            return self.model_version
+        digest = hashlib.sha256(json.dumps(self.files, sort_keys=True).encode("utf-8")).hexdigest()
+        return f"sha256:{digest[:12]}"
+
     def to_json(self) -> str:
         """Serialise as pretty JSON (stable key order)."""
         data = asdict(self)
