@@ -281,3 +281,32 @@ def test_rollback_swaps_a_watching_edge_back(
         assert isinstance(handle.api.watcher.check(), LoadedBundle)
         assert _completion(http)[:2] == (200, first)
         assert http.get("/health").json()["bundle_swaps"] == 2
+
+
+def test_a_version_is_not_swapped_in_while_the_verifier_cannot_check_its_tokenizer(
+    published: tuple[Publisher, str], drafters: tuple[Path, Path]
+) -> None:
+    """Verifier down: the candidate is ``unverified`` (reported once, tried at every poll); local-only edges swap."""
+    import socket
+
+    publisher, first = published
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    config = EdgeConfig(cloud=dead, bundle=publisher.out / CURRENT_NAME, threads=1, max_concurrent=1,
+                        connect_timeout_s=0.3)  # fmt: skip
+    with EdgeRuntime(config) as runtime, start_api_in_thread(runtime) as handle:
+        second = publisher.publish(drafters[1])
+        refusal = handle.api.watcher.check()
+        assert isinstance(refusal, Refusal) and (refusal.reason, refusal.version) == ("unverified", second)
+        assert handle.api.watcher.check() is refusal  # tried again, reported once
+        with httpx.Client(base_url=handle.base_url, timeout=60) as http:
+            assert http.get("/health").json()["bundle_version"] == first
+            metrics = http.get("/metrics").text
+        assert _metric(metrics, 'tandem_edge_bundle_refusals_total{reason="unverified"}') == 1
+    local = EdgeConfig(bundle=publisher.out / CURRENT_NAME, threads=1, max_concurrent=1, mode="local")
+    with EdgeRuntime(local) as runtime, start_api_in_thread(runtime) as handle:
+        assert runtime.loaded.version == second  # started on what current names now
+        rollback(publisher.out, first)
+        loaded = handle.api.watcher.check()
+        assert isinstance(loaded, LoadedBundle) and loaded.version == first  # no verifier: no tokenizer check
