@@ -25,6 +25,12 @@ session); up to ``max_queued`` more wait for one. Past that a request is answere
 while the daemon shuts down 503, both with ``Retry-After``. A generation that runs past
 ``request_timeout_s`` (waiting included) is cancelled and answered 504.
 
+Bundle versions: the daemon watches its bundle location (``--bundle OUT/current``) and
+swaps to each newly published version that passes :mod:`tandemspec.edge.watch`'s checks; a
+request is encoded and decoded by the version served when it arrived. ``/health``,
+``/v1/models`` and each response's ``tandem_stats`` name the version; ``/metrics`` counts
+swaps and refusals by reason (docs/deployment.md).
+
 Streaming: the 200 and its SSE headers are sent only once the first text delta (or the
 outcome) is known, so a refusal before the first token gets its own status. Streamed
 tokens cross from the worker thread to the event loop through a queue; a client that goes
