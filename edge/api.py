@@ -25,6 +25,12 @@ session); up to ``max_queued`` more wait for one. Past that a request is answere
 while the daemon shuts down 503, both with ``Retry-After``. A generation that runs past
 ``request_timeout_s`` (waiting included) is cancelled and answered 504.
 
+Bundle versions: the daemon watches its bundle location (``--bundle OUT/current``) and
+swaps to each newly published version that passes :mod:`tandemspec.edge.watch`'s checks; a
+request is encoded and decoded by the version served when it arrived. ``/health``,
+``/v1/models`` and each response's ``tandem_stats`` name the version; ``/metrics`` counts
+swaps and refusals by reason (docs/deployment.md).
+
 Streaming: the 200 and its SSE headers are sent only once the first text delta (or the
 outcome) is known, so a refusal before the first token gets its own status. Streamed
 tokens cross from the worker thread to the event loop through a queue; a client that goes
@@ -51,15 +57,16 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from tandemspec.edge.api_schema import ApiError, ChatBody, CompletionBody, SamplingBody
 from tandemspec.edge.chat import ChatTemplateError
 from tandemspec.edge.client import CloudRefused, CloudUnavailable, TokenizerMismatch
 from tandemspec.edge.decoder import GenerationRequest, HybridDecoder
-from tandemspec.edge.runtime import EdgeRuntime
+from tandemspec.edge.runtime import EdgeRuntime, LoadedBundle
 from tandemspec.edge.stats import GenerationResult
 from tandemspec.edge.tokenizer import check_text
+from tandemspec.edge.watch import REFUSAL_REASONS, BundleWatcher, Refusal
 from tandemspec.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -90,6 +97,9 @@ class EdgeMetrics:
     cloud_up: Gauge
     running: Gauge
     waiting: Gauge
+    bundle: Info
+    swaps: Counter
+    refusals: Counter
 
     @classmethod
     def create(cls) -> EdgeMetrics:
@@ -107,6 +117,11 @@ class EdgeMetrics:
             cloud_up=Gauge("tandem_edge_cloud_up", "1 when the last generation reached the cloud", registry=registry),
             running=Gauge("tandem_edge_generations_running", "generations in progress", registry=registry),
             waiting=Gauge("tandem_edge_generations_waiting", "admitted requests waiting for a slot", registry=registry),
+            bundle=Info("tandem_edge_bundle", "the bundle version new requests get", registry=registry),
+            swaps=Counter("tandem_edge_bundle_swaps", "switches to a newly published bundle", registry=registry),
+            refusals=Counter(
+                "tandem_edge_bundle_refusals", "published bundles refused, by reason", ["reason"], registry=registry
+            ),
         )
 
     def observe(self, result: GenerationResult) -> None:
@@ -122,26 +137,85 @@ class EdgeMetrics:
             self.cloud_up.set(0 if s.fell_back_to_local else 1)
 
 
-class EdgeApi:
-    """Turns HTTP requests into generations on one :class:`EdgeRuntime`, a few at a time."""
+class ServedBundle:
+    """A bundle version the API serves: the loaded bundle and one decoder per generation slot.
 
-    def __init__(self, runtime: EdgeRuntime, model_id: str | None = None) -> None:
+    A request takes the version served when it arrives (:meth:`EdgeApi.serving`), is encoded
+    with its tokenizer and decoded by one of its decoders, so a swap never changes the
+    version of a request in flight; an old version is dropped once its last request ends.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedBundle,
+        slots: int,
+        first: HybridDecoder | None = None,
+        new_decoder: Callable[[], HybridDecoder] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.version = loaded.version
+        new_decoder = new_decoder or loaded.new_decoder
+        # A worker thread takes a decoder for each generation and gives it back.
+        self.decoders: queue.SimpleQueue[HybridDecoder] = queue.SimpleQueue()
+        self.decoders.put(first or new_decoder())
+        for _ in range(slots - 1):
+            self.decoders.put(new_decoder())
+
+
+class EdgeApi:
+    """Turns HTTP requests into generations on one :class:`EdgeRuntime`, a few at a time.
+
+    With ``watch_interval_s > 0`` (default: the config's) a :class:`BundleWatcher` polls the
+    bundle location and the API switches to each verified new version between requests.
+    """
+
+    def __init__(self, runtime: EdgeRuntime, model_id: str | None = None, watch_interval_s: float | None = None):
         self.runtime = runtime
         self.config = runtime.config
         self.model_id = model_id or f"tandem-{runtime.bundle.manifest.source or runtime.bundle.manifest.family}"
         self.metrics = EdgeMetrics.create()
         slots = self.config.max_concurrent
-        # One decoder per slot; a worker thread takes one for each generation and gives it back.
-        self._decoders: queue.SimpleQueue[HybridDecoder] = queue.SimpleQueue()
-        self._decoders.put(runtime.decoder)
-        for _ in range(slots - 1):
-            self._decoders.put(runtime.new_decoder())
+        self._served = ServedBundle(runtime.loaded, slots, runtime.decoder, runtime.new_decoder)
+        self.num_swaps = 0
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="tandem-generation")
         self._lock = threading.Lock()
         self._num_admitted = 0  # generations waiting or running
         self._num_running = 0
         self._active: set[threading.Event] = set()  # cancel events of admitted generations
         self.closing = False
+        self._show_bundle(self._served)
+        for reason in REFUSAL_REASONS:
+            self.metrics.refusals.labels(reason=reason)  # every reason exported, 0 until it happens
+        interval = self.config.watch_interval_s if watch_interval_s is None else watch_interval_s
+        self.watcher = BundleWatcher(runtime, runtime.loaded.bundle.path, self.swap, self._refused, interval)
+        self.watcher.start()
+
+    # -- bundle versions ------------------------------------------------------------------
+
+    def serving(self) -> ServedBundle:
+        """The version a request arriving now is decoded with."""
+        with self._lock:
+            return self._served
+
+    def swap(self, loaded: LoadedBundle) -> None:
+        """Serve ``loaded`` to requests from now on; those in flight finish on their version."""
+        served = ServedBundle(loaded, self.config.max_concurrent)  # forks, built before taking the lock
+        with self._lock:
+            old, self._served = self._served, served
+            self.num_swaps += 1
+        self.metrics.swaps.inc()
+        self._show_bundle(served)
+        logger.info("bundle %s -> %s (%s)", old.version, served.version, loaded.bundle.path)
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.metrics.refusals.labels(reason=refusal.reason).inc()
+        logger.warning(
+            "refused bundle %s at %s (%s): %s; still serving %s",
+            refusal.version, refusal.path, refusal.reason, refusal.message, self.serving().version,
+        )  # fmt: skip
+
+    def _show_bundle(self, served: ServedBundle) -> None:
+        self.metrics.bundle.info({"version": served.version, "path": str(served.loaded.bundle.path)})
 
     # -- requests -> generations ----------------------------------------------------------
 
@@ -200,11 +274,12 @@ class EdgeApi:
 
     def generate(
         self,
+        served: ServedBundle,
         request: GenerationRequest,
         on_text: Callable[[str], None] | None,
         cancelled: threading.Event,
     ) -> GenerationResult:
-        """Run one admitted generation on this worker thread with a decoder of its own."""
+        """Run one admitted generation on this worker thread with a decoder of its own (of ``served``)."""
         try:
             if cancelled.is_set():  # timed out or the client left while it waited
                 raise GenerationCancelled
@@ -215,13 +290,13 @@ class EdgeApi:
                 if on_text is not None and text:
                     on_text(text)
 
-            decoder = self._decoders.get()  # never waits: there are as many decoders as worker threads
+            decoder = served.decoders.get()  # never waits: each version has as many decoders as worker threads
             with self._lock:
                 self._num_running += 1
             try:
                 result = decoder.generate(request, on_tokens)
             finally:
-                self._decoders.put(decoder)
+                served.decoders.put(decoder)
                 with self._lock:
                     self._num_running -= 1
         finally:
@@ -230,7 +305,8 @@ class EdgeApi:
         return result
 
     def close(self) -> None:
-        """Refuse new requests (503), cancel the admitted ones and stop the worker threads."""
+        """Refuse new requests (503), cancel the admitted ones and stop the worker threads (and the watcher)."""
+        self.watcher.stop()
         with self._lock:
             self.closing = True
             for cancelled in self._active:
@@ -239,13 +315,13 @@ class EdgeApi:
 
     # -- one generation on a worker thread ------------------------------------------------
 
-    async def start(self, request: GenerationRequest, stream: bool) -> _Run:
-        """Admit and start a generation (raises :class:`ApiError` 429/503 when it cannot)."""
+    async def start(self, served: ServedBundle, request: GenerationRequest, stream: bool) -> _Run:
+        """Admit and start a generation on ``served`` (raises :class:`ApiError` 429/503 when it cannot)."""
         run = _Run(asyncio.get_running_loop(), self.config.request_timeout_s)
         self.admit(run.cancelled)
         try:
             run.future = asyncio.wrap_future(
-                self._executor.submit(self._work, run, request, run.put_text if stream else None)
+                self._executor.submit(self._work, served, run, request, run.put_text if stream else None)
             )
         except RuntimeError as error:  # the executor shut down between admit() and here
             self._release(run.cancelled)
@@ -254,9 +330,11 @@ class EdgeApi:
             ) from error
         return run
 
-    def _work(self, run: _Run, request: GenerationRequest, on_text: Callable[[str], None] | None) -> object:
+    def _work(
+        self, served: ServedBundle, run: _Run, request: GenerationRequest, on_text: Callable[[str], None] | None
+    ) -> object:
         try:
-            return self.generate(request, on_text, run.cancelled)
+            return self.generate(served, request, on_text, run.cancelled)
         except (GenerationCancelled, CloudRefused, ValueError) as error:
             return error
         except Exception as error:  # the worker's boundary: answered 500, the daemon keeps serving
@@ -381,9 +459,11 @@ def _chat_shape(model: str) -> _Shape:
     )  # fmt: skip
 
 
-async def _respond(api: EdgeApi, request: GenerationRequest, body: SamplingBody, shape: _Shape, chat: bool) -> Any:
+async def _respond(
+    api: EdgeApi, served: ServedBundle, request: GenerationRequest, body: SamplingBody, shape: _Shape, chat: bool
+) -> Any:
     """Run the generation and answer: one JSON response, or SSE once the first delta is known."""
-    run = await api.start(request, body.stream)
+    run = await api.start(served, request, body.stream)
     if not body.stream:
         result = await run.outcome()
         kind = "chat.completion" if chat else shape.base["object"]
@@ -424,11 +504,11 @@ async def _events(run: _Run, first: str | None, body: SamplingBody, shape: _Shap
 # -- the application ----------------------------------------------------------------------
 
 
-def _verifier_health(api: EdgeApi) -> dict[str, Any] | None:
+def _verifier_health(api: EdgeApi, served: ServedBundle) -> dict[str, Any] | None:
     client = api.runtime.client
     if client is None:
         return None
-    edge = api.runtime.bundle.manifest.tokenizer_fingerprint
+    edge = served.loaded.bundle.manifest.tokenizer_fingerprint
     try:
         info = client.ensure_connected()
     except (CloudUnavailable, CloudRefused) as error:
@@ -466,8 +546,10 @@ def create_app(api: EdgeApi) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        manifest = api.runtime.bundle.manifest
-        verifier = _verifier_health(api)
+        served = api.serving()
+        manifest = served.loaded.bundle.manifest
+        verifier = _verifier_health(api, served)
+        refusal = api.watcher.refusal
         status = "ok"
         if verifier is not None and not verifier["reachable"]:
             status = "degraded"  # generations continue locally
@@ -476,7 +558,12 @@ def create_app(api: EdgeApi) -> FastAPI:
         return {
             "status": "shutting_down" if api.closing else status,
             "model": api.model_id,
-            "bundle": str(api.runtime.bundle.path),
+            "bundle": str(served.loaded.bundle.path),
+            "bundle_version": served.version,
+            "bundle_location": str(api.runtime.bundle_location),
+            "bundle_swaps": api.num_swaps,
+            # The bundle the location names and this daemon refused (null when it serves what the location names).
+            "bundle_refused": refusal.to_dict() if refusal is not None else None,
             "family": manifest.family,
             "cloud": api.runtime.config.cloud,
             "mode": api.runtime.config.mode,
@@ -492,33 +579,43 @@ def create_app(api: EdgeApi) -> FastAPI:
         api.metrics.requests.labels(endpoint="models").inc()
         return {
             "object": "list",
-            "data": [{"id": api.model_id, "object": "model", "created": 0, "owned_by": "tandemspec"}],
+            "data": [
+                {
+                    "id": api.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tandemspec",
+                    "bundle_version": api.serving().version,
+                }
+            ],
         }
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Any:
         api.metrics.requests.labels(endpoint="completions").inc()
         api.check_model(body)
+        served = api.serving()
         try:
-            prompt_ids = api.runtime.tokenizer.encode_prompt(_prompt_text(body))
+            prompt_ids = served.loaded.tokenizer.encode_prompt(_prompt_text(body))
         except ValueError as error:
             raise ApiError(400, str(error)) from error
         max_tokens = _COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         request = api.request_for(prompt_ids, body, max_tokens)
-        return await _respond(api, request, body, _completion_shape(api.model_id), chat=False)
+        return await _respond(api, served, request, body, _completion_shape(api.model_id), chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody) -> Any:
         api.metrics.requests.labels(endpoint="chat").inc()
         api.check_model(body)
         messages = [m.as_template_input() for m in body.messages]
+        served = api.serving()
         try:
-            prompt_ids = api.runtime.tokenizer.encode_chat(messages)
+            prompt_ids = served.loaded.tokenizer.encode_chat(messages)
         except (ValueError, ChatTemplateError) as error:
             raise ApiError(400, str(error)) from error
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request = api.request_for(prompt_ids, body, max_tokens)
-        return await _respond(api, request, body, _chat_shape(api.model_id), chat=True)
+        return await _respond(api, served, request, body, _chat_shape(api.model_id), chat=True)
 
     return app
 
@@ -545,13 +642,18 @@ class ApiHandle:
         self.stop()
 
 
-def start_api_in_thread(runtime: EdgeRuntime, host: str = "127.0.0.1", port: int = 0) -> ApiHandle:
-    """Serve the API on ``host:port`` (0 = any free port) from a background thread."""
+def start_api_in_thread(
+    runtime: EdgeRuntime, host: str = "127.0.0.1", port: int = 0, watch_interval_s: float = 0.0
+) -> ApiHandle:
+    """Serve the API on ``host:port`` (0 = any free port) from a background thread.
+
+    The bundle location is watched every ``watch_interval_s`` (0 = not polled; ``api.watcher.check()`` looks once).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     address = f"{host}:{sock.getsockname()[1]}"
-    api = EdgeApi(runtime)
+    api = EdgeApi(runtime, watch_interval_s=watch_interval_s)
     config = uvicorn.Config(create_app(api), log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tandem-edge-api", daemon=True)
@@ -568,9 +670,11 @@ def serve(runtime: EdgeRuntime, host: str, port: int) -> None:
     """Serve the API in the foreground until interrupted (``tandem edge serve``)."""
     api = EdgeApi(runtime)
     app = create_app(api)
+    interval = api.watcher.interval_s
+    watching = f", watching {runtime.bundle_location} every {interval:g} s" if interval > 0 else ""
     print(
-        f"edge API on http://{host}:{port} (bundle {runtime.bundle.path}, cloud {runtime.config.cloud or 'none'}, "
-        f"{runtime.config.max_concurrent} generations at once)",
+        f"edge API on http://{host}:{port} (bundle {api.serving().version} at {runtime.bundle.path}, "
+        f"cloud {runtime.config.cloud or 'none'}, {runtime.config.max_concurrent} generations at once{watching})",
         flush=True,
     )
     try:

@@ -77,6 +77,15 @@ class BundleManifest:
     special_tokens: dict[str, str] = field(default_factory=dict)
     weights: str = "float32"  # the drafter graph's weights: "float32", or "int8" after `tandem quantize`
 
+    @property
+    def version_label(self) -> str:
+        """The name responses, ``/health`` and metrics give this bundle: its published version
+        (``v0003``), or for an unpublished bundle a digest of its file hashes."""
+        if self.model_version:
+            return self.model_version
+        digest = hashlib.sha256(json.dumps(self.files, sort_keys=True).encode("utf-8")).hexdigest()
+        return f"sha256:{digest[:12]}"
+
     def to_json(self) -> str:
         """Serialise as pretty JSON (stable key order)."""
         data = asdict(self)

@@ -204,7 +204,7 @@ class _Generation:
         self.text = TextTracker(decoder.tokenizer, request.stop_strings)
         self.on_tokens = on_tokens
         self.finish_reason: str | None = None
-        self.stats = StatsCounter(mode_requested=self.mode)
+        self.stats = StatsCounter(mode_requested=self.mode, bundle_version=self.drafter.manifest.version_label)
         self.limit = min(self.prompt_length + request.max_new_tokens, self.drafter.capacity)
         self.session_id = ""
         self.stream: DecodeStream | None = None

@@ -5,7 +5,9 @@
 into a loaded bundle, a warmed-up drafter, the tokenizer, the verifier client, the device
 log and the decoder that ties them together; :meth:`EdgeRuntime.new_decoder` gives each
 concurrent generation of the local API a decoder of its own (its own drafter cache and
-draft-length state, the same session, tokenizer, client, log and gate).
+draft-length state, the same session, tokenizer, client, log and gate). A
+:class:`LoadedBundle` is the part that belongs to one bundle version, so the local API can
+load a newly published one beside it and switch (:mod:`tandemspec.edge.watch`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class EdgeConfig:
     max_queued: int = 16
     max_request_tokens: int = 2048
     request_timeout_s: float = 300.0
+    # ``tandem edge serve``: seconds between looks at the bundle location for a newly
+    # published version (0 = never; the bundle loaded at start-up is served until restart).
+    watch_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.draft_length < 1:
@@ -83,6 +88,8 @@ class EdgeConfig:
             raise ValueError("max_concurrent and max_request_tokens must be >= 1, max_queued >= 0")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.watch_interval_s < 0:
+            raise ValueError(f"watch_interval_s must be >= 0, got {self.watch_interval_s}")
 
     def gate_choice(self) -> GateChoice:
         return GateChoice(self.gate_kind, self.gate_quality, self.gate_lambda, self.gate_threshold)
@@ -95,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         for name in (
             "cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "min_survival", "gate",
             "gate_kind", "gate_quality", "gate_lambda", "gate_threshold", "gate_check_every", "log_db", "host", "port",
+            "watch_interval_s",
         )
     }  # fmt: skip
     if getattr(args, "no_pipeline", False):
@@ -102,16 +110,21 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     return load_config(EdgeConfig, "edge", file=getattr(args, "config", None), flags=flags)
 
 
-class EdgeRuntime:
-    """Bundle, drafter, tokenizer, client, log and decoder, built once (a context manager)."""
+class LoadedBundle:
+    """One bundle ready to decode: its tokenizer, a warmed-up drafter and its gates.
 
-    def __init__(self, config: EdgeConfig) -> None:
+    Decoders built on it share the runtime's verifier client and device log; the local API
+    holds one per bundle version it serves and swaps between them (:mod:`tandemspec.edge.watch`).
+    """
+
+    def __init__(self, bundle: Bundle, config: EdgeConfig, client: VerifierClient | None, log: DeviceLog | None):
+        self.bundle = bundle
+        self.version = bundle.manifest.version_label
         self.config = config
-        self.bundle: Bundle = load_bundle(config.bundle or default_bundle_dir())
-        self.tokenizer = EdgeTokenizer.from_bundle(self.bundle)
-        self.drafter = OnnxDrafter(self.bundle, DrafterOptions(intra_op_threads=config.threads))
-        self.client = VerifierClient(_client_config(config)) if config.cloud else None
-        self.log = DeviceLog(config.log_db, config.log_max_rows) if config.log_db else None
+        self.tokenizer = EdgeTokenizer.from_bundle(bundle)
+        self.drafter = OnnxDrafter(bundle, DrafterOptions(intra_op_threads=config.threads))
+        self._client = client
+        self._log = log
         self._decoder_config = DecoderConfig(
             mode=config.mode,
             draft_length=config.draft_length,
@@ -121,21 +134,47 @@ class EdgeRuntime:
             client_id=config.client_id,
             gate_check_every=config.gate_check_every,
         )
-        self._survival_gate = _survival_gate(config, self.bundle)
-        self._trust_gate = _trust_gate(config, self.bundle)
-        self.decoder = self._decoder(self.drafter)
+        self._survival_gate = _survival_gate(config, bundle)
+        self._trust_gate = _trust_gate(config, bundle)
 
-    def new_decoder(self) -> HybridDecoder:
-        """A decoder for one more concurrent generation: a fork of the drafter, its own draft-length state."""
-        return self._decoder(self.drafter.fork())
-
-    def _decoder(self, drafter: OnnxDrafter) -> HybridDecoder:
+    def new_decoder(self, drafter: OnnxDrafter | None = None) -> HybridDecoder:
+        """A decoder on ``drafter`` (default: a fork of this bundle's drafter, with a cache of its own)."""
         policy: DraftPolicy | None = None
         if self._survival_gate is not None and self.config.min_survival is not None:
             policy = SurvivalDraftLength(self._survival_gate, self.config.min_survival, self.config.draft_length)
         return HybridDecoder(
-            drafter, self.tokenizer, self.client, self._decoder_config, self.log, policy, self._trust_gate
-        )
+            drafter or self.drafter.fork(), self.tokenizer, self._client, self._decoder_config, self._log, policy,
+            self._trust_gate,
+        )  # fmt: skip
+
+
+class EdgeRuntime:
+    """Bundle, drafter, tokenizer, client, log and decoder, built once (a context manager).
+
+    ``bundle``, ``tokenizer``, ``drafter`` and ``decoder`` are those of the bundle loaded at
+    start-up (``loaded``); :meth:`load` loads another one with the same client and log.
+    """
+
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        # Resolved, so that a bundle behind a moving ``current`` link is named by its version folder.
+        self.bundle_location = Path(config.bundle or default_bundle_dir())
+        bundle = load_bundle(self.bundle_location.resolve())
+        self.client = VerifierClient(_client_config(config)) if config.cloud else None
+        self.log = DeviceLog(config.log_db, config.log_max_rows) if config.log_db else None
+        self.loaded = LoadedBundle(bundle, config, self.client, self.log)
+        self.bundle: Bundle = self.loaded.bundle
+        self.tokenizer = self.loaded.tokenizer
+        self.drafter = self.loaded.drafter
+        self.decoder = self.loaded.new_decoder(self.drafter)
+
+    def load(self, path: Path, verify_hashes: bool = True) -> LoadedBundle:
+        """Load the bundle at ``path`` for decoding with this runtime's client and log."""
+        return LoadedBundle(load_bundle(path, verify_hashes), self.config, self.client, self.log)
+
+    def new_decoder(self) -> HybridDecoder:
+        """A decoder for one more concurrent generation: a fork of the drafter, its own draft-length state."""
+        return self.loaded.new_decoder()
 
     def close(self) -> None:
         if self.client is not None:

@@ -49,6 +49,7 @@ class GenerationStats:
     fallback_reason: str
     fallback_at_token: int  # tokens generated before the switch to local (-1 = no switch)
     num_sessions: int  # verifier sessions used (a request past the verifier's max_new_tokens renews its session)
+    bundle_version: str  # the edge bundle that drafted (BundleManifest.version_label)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,8 +58,9 @@ class GenerationStats:
 class StatsCounter:
     """Mutable counters of a generation in progress; :meth:`freeze` makes the report."""
 
-    def __init__(self, mode_requested: str) -> None:
+    def __init__(self, mode_requested: str, bundle_version: str = "") -> None:
         self.mode_requested = mode_requested
+        self.bundle_version = bundle_version
         self.mode_used: str | None = None
         self.num_rounds = 0
         self.num_drafted = 0
@@ -130,6 +132,7 @@ class StatsCounter:
             fallback_reason=self.fallback_reason,
             fallback_at_token=self.fallback_at_token,
             num_sessions=self.num_sessions,
+            bundle_version=self.bundle_version,
         )
 
 

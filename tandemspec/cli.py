@@ -110,6 +110,17 @@ def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
     _gated_args(parser)
     parser.add_argument("--no-pipeline", action="store_true", help="wait for each verdict before drafting on")
     parser.add_argument("--log-db", type=Path, help="device log (SQLite)")
+    parser.add_argument(
+        "--watch-interval-s",
+        type=float,
+        help="seconds between looks at --bundle (e.g. a `tandem fed run` OUT/current) for a new version to swap to "
+        "(default 2; 0 = never)",
+    )
+
+
+def _fed_rollback_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="the --out folder of `tandem fed run`")
+    parser.add_argument("--to", help="the version to serve again, e.g. v0002 (without it: list the versions)")
 
 
 def _cloud_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +323,12 @@ VERBS: tuple[Verb, ...] = (
         "run federated rounds that update gate and drafter (Flower simulation)",
         _fed_run_args,
         "tandemspec.federated.fed.commands:run_main",
+    ),
+    Verb(
+        ("fed", "rollback"),
+        "point OUT/current back at an earlier published bundle version (watching edges swap to it)",
+        _fed_rollback_args,
+        "tandemspec.federated.fed.commands:rollback_main",
     ),
     Verb(
         ("fed", "central"),

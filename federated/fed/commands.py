@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 from tandemspec.federated.fed.config import FedConfig
@@ -76,6 +77,26 @@ def format_history(history: list[RoundLog]) -> str:
             f"{r.bytes_up_per_client:>10.0f} {r.wall_s:>7.1f}"
         )
     return "\n".join(lines)
+
+
+def rollback_main(args: argparse.Namespace) -> int:
+    """``tandem fed rollback``: point ``OUT/current`` at an earlier published version."""
+    from tandemspec.federated.fed.publish import current_release, published_versions, rollback
+
+    if args.to is None:
+        current = current_release(args.out)
+        for version in published_versions(args.out):
+            print(f"{version}{'  <- current' if current is not None and current.version == version else ''}")
+        return 0
+    previous = current_release(args.out)
+    try:
+        release = rollback(args.out, args.to)
+    except ValueError as error:
+        print(f"tandem fed rollback: {error}", file=sys.stderr)
+        return 1
+    was = previous.version if previous else "none"
+    print(f"{args.out}/current -> {release.version} (round {release.round}; was {was})")
+    return 0
 
 
 def run_main(args: argparse.Namespace) -> int:

@@ -13,6 +13,9 @@ thresholds), and only a finished folder is renamed into ``versions/`` (a rename 
 file system is atomic); ``current`` is then swapped by renaming a new symlink over it. A
 process killed at any point leaves either no new version or a complete one, and
 ``current`` always names a complete one. Staging leftovers are removed on the next start.
+
+``tandem fed rollback --out OUT --to v0002`` moves ``current`` back to an earlier version
+the same way (:func:`rollback`); ``tandem edge serve --bundle OUT/current`` swaps to it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tandemspec.edge.bundle import GATE_NAME, MANIFEST_NAME, hash_files, load_bundle
+from tandemspec.edge.bundle import GATE_NAME, MANIFEST_NAME, BundleError, hash_files, load_bundle
 from tandemspec.edge.gate import GATE_JSON_NAME, OperatingPoint, curve_to_json
 from tandemspec.federated.fed.tasks import THRESHOLD_GRID, CostCurve
 from tandemspec.federated.fed.weights import GlobalModel
@@ -173,11 +176,45 @@ def publish_version(
     versions.mkdir(parents=True, exist_ok=True)
     staged.rename(versions / version)  # atomic: the version appears complete or not at all
     shutil.rmtree(staged.parent, ignore_errors=True)  # the build folder's leftovers
-    link = out_dir / f".{CURRENT_NAME}.{os.getpid()}"
+    point_current(out_dir, version)
+    logger.info("published %s (parent %s, round %d)", version, release.parent, round_number)
+    return release
+
+
+def point_current(out_dir: Path, version: str) -> None:
+    """Make ``OUT/current`` name ``versions/<version>``: a new relative symlink renamed over the old one (atomic)."""
+    link = Path(out_dir) / f".{CURRENT_NAME}.{os.getpid()}"
     link.unlink(missing_ok=True)
     link.symlink_to(Path(VERSIONS_DIR) / version)
-    os.replace(link, out_dir / CURRENT_NAME)  # atomic swap of the symlink
-    logger.info("published %s (parent %s, round %d)", version, release.parent, round_number)
+    os.replace(link, Path(out_dir) / CURRENT_NAME)
+
+
+def published_versions(out_dir: Path) -> list[str]:
+    """The versions under ``OUT/versions/``, oldest first."""
+    versions = Path(out_dir) / VERSIONS_DIR
+    names = [p.name for p in versions.glob("v[0-9]*") if p.is_dir()] if versions.is_dir() else []
+    return sorted(names, key=lambda name: int(name[1:]))
+
+
+def rollback(out_dir: Path, version: str) -> Release:
+    """Point ``OUT/current`` back at an earlier published ``version`` after checking it is whole.
+
+    Raises ValueError when ``version`` was never published or its files no longer match
+    their hashes. Watching edges verify and swap to it like to any new version; the next
+    published version names it as its parent.
+    """
+    out_dir = Path(out_dir)
+    folder = out_dir / VERSIONS_DIR / version
+    if not (folder / RELEASE_NAME).is_file():
+        known = ", ".join(published_versions(out_dir)) or "none"
+        raise ValueError(f"{out_dir} has no published version {version!r} (published: {known})")
+    try:
+        load_bundle(folder)  # every file against the manifest's sha256
+    except BundleError as error:
+        raise ValueError(f"{version} cannot be served again: {error}") from error
+    release = Release(**json.loads((folder / RELEASE_NAME).read_text(encoding="utf-8")))
+    point_current(out_dir, version)
+    logger.info("rolled back %s to %s", out_dir, version)
     return release
 
 
