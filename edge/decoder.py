@@ -7,7 +7,10 @@ Modes (docs/architecture.md "Decoding modes"):
     arXiv:2302.01318): the drafter proposes a block, the cloud judges every token, the
     output follows the target exactly. With pipelining (depth 1) the next block is drafted
     optimistically and sent before the previous verdict arrives, hiding the round trip;
-    a rejection rolls the drafter back and the in-flight frame comes back stale.
+    a rejection rolls the drafter back and the in-flight frame comes back stale. With a
+    tree budget (``tree_budget > 0``) each frame is an EAGLE-2-style draft tree
+    (:mod:`tandemspec.edge.tree`) of that many tokens and the verdict names the accepted
+    path; tree frames are not pipelined.
 ``local``
     The drafter alone; also what any mode continues with when the cloud is lost.
 ``cloud``
@@ -55,6 +58,7 @@ from tandemspec.edge.gate import TrustGate
 from tandemspec.edge.proposal import draft_distribution, local_distribution
 from tandemspec.edge.stats import GenerationResult, StatsCounter
 from tandemspec.edge.tokenizer import EdgeTokenizer, TextTracker
+from tandemspec.edge.tree import TreeShape, grow_tree
 from tandemspec.sampling import sample, sample_dense, seeded_rng
 from tandemspec.types import (
     DecodeMode,
@@ -88,10 +92,18 @@ class DecoderConfig:
     client_id: str = ""
     # gated mode: verify the next token once this many went by unchecked (0 = only when doubted)
     gate_check_every: int = 16
+    # lossless mode: draft trees of this many tokens per frame (0 = chains of draft_length)
+    tree_budget: int = 0
+    # children per expanded node and nodes expanded per depth, and the deepest a tree grows:
+    # the best of the shapes tried on the reference pair (docs/trees.md)
+    tree_top_k: int = 2
+    tree_depth: int = 16
 
     def __post_init__(self) -> None:
         if self.draft_length < 1 or self.max_support < 1:
             raise ValueError("draft_length and max_support must be >= 1")
+        if self.tree_budget < 0 or self.tree_top_k < 1 or self.tree_depth < 1:
+            raise ValueError("tree_budget must be >= 0, tree_top_k and tree_depth >= 1")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
 
@@ -187,6 +199,7 @@ class _Block:
     dists: list[SparseDist]
     features: np.ndarray | None
     ends_with_eos: bool
+    parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
 
 
 class _Generation:
@@ -344,6 +357,7 @@ class _Generation:
         """Fit draft length, q support and the generation's length to the verifier's limits."""
         config = self.decoder.config
         self.max_draft = max(1, min(config.draft_length, limits.max_draft_tokens or config.draft_length))
+        self.max_frame = limits.max_draft_tokens or config.tree_budget  # draft tokens one frame may carry
         self.max_support = max(1, min(config.max_support, limits.max_support or config.max_support))
         if limits.max_context_tokens:
             self.limit = min(self.limit, limits.max_context_tokens - 1)  # the correction/bonus may add one more
@@ -397,8 +411,9 @@ class _Generation:
         return tip
 
     def _fill_pipeline(self) -> None:
-        """Send frames until one (no pipelining) or two (depth-1 pipelining) are live."""
-        depth = 2 if self.decoder.config.pipeline else 1
+        """Send frames until one (no pipelining, or trees) or two (depth-1 pipelining) are live."""
+        config = self.decoder.config
+        depth = 2 if config.pipeline and not config.tree_budget else 1
         while sum(not s.stale for s in self.in_flight) < depth:
             live = [s for s in self.in_flight if not s.stale]
             if live and not live[-1].frame.expects_continuation:
@@ -407,9 +422,12 @@ class _Generation:
             room = self.session_limit - len(tip)
             if room <= 0:
                 return
+            if config.tree_budget:
+                self._send(len(tip), self._draft_tree(tip, min(config.tree_budget, self.max_frame, room)), False)
+                continue
             block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
             is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
-            self._send(len(tip), block, expects_continuation=self.decoder.config.pipeline and not is_last)
+            self._send(len(tip), block, expects_continuation=depth > 1 and not is_last)
 
     def _draft(
         self,
@@ -453,6 +471,16 @@ class _Generation:
         self.stats.draft_s += time.perf_counter() - start
         return _Block(ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos)
 
+    def _draft_tree(self, tip: list[int], budget: int) -> _Block:
+        """An EAGLE-2-style tree of at most ``budget`` tokens after ``tip`` (the drafter then holds all of ``tip``)."""
+        start = time.perf_counter()
+        config = self.decoder.config
+        logits, _ = self.drafter.extend(tip[self.drafter.length :])
+        shape = TreeShape(budget, config.tree_top_k, min(config.tree_depth, self.drafter.capacity - len(tip) - 1))
+        tree = grow_tree(self.drafter, logits[-1], shape, self.sampling, self.max_support, self.eos)
+        self.stats.draft_s += time.perf_counter() - start
+        return _Block(list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents)
+
     def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
         """The drafted token at ``position`` and, when sampling, the exact truncated q it came from."""
         if self.sampling.is_greedy:
@@ -478,6 +506,7 @@ class _Generation:
             draft_ids=tuple(block.ids),
             draft_dists=tuple(block.dists),
             expects_continuation=expects_continuation,
+            parents=block.parents,
         )
         self.seq += 1
         self.stream.send(frame)
@@ -506,7 +535,10 @@ class _Generation:
                 f"frame at {frame.position} (+{len(frame.committed_ids)} committed) judged while "
                 f"{len(self.committed)} tokens are committed",
             )
-        accepted = list(frame.draft_ids[: verdict.num_accepted])
+        path = verdict.accepted_path
+        if any(not 0 <= i < len(frame.draft_ids) for i in path):
+            raise CloudRefused(None, f"verdict names draft tokens {path} of a frame of {len(frame.draft_ids)}")
+        accepted = [frame.draft_ids[i] for i in path]
         new = accepted + ([verdict.next_token] if verdict.next_token is not None else [])
         self.stats.add_verdict(len(frame.draft_ids), verdict)
         self._log_round(sent, verdict)
@@ -514,7 +546,7 @@ class _Generation:
             raise CloudRefused(
                 None, f"verdict says {verdict.committed_length} tokens, edge counts {len(self.committed) + len(new)}"
             )
-        rejected = verdict.num_accepted < len(frame.draft_ids)
+        rejected = not verdict.fully_accepted
         if rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
             # The future the later frames were drafted on is gone: they come back stale.
             for later in self.in_flight:
