@@ -10,7 +10,7 @@ Modes (docs/architecture.md "Decoding modes"):
     a rejection rolls the drafter back and the in-flight frame comes back stale. With a
     tree budget (``tree_budget > 0``) each frame is an EAGLE-2-style draft tree
     (:mod:`tandemspec.edge.tree`) of that many tokens and the verdict names the accepted
-    path; tree frames are not pipelined.
+    path; a pipelined frame then assumes the path to the tree's tip accepted.
 ``local``
     The drafter alone; also what any mode continues with when the cloud is lost.
 ``cloud``
@@ -59,7 +59,7 @@ from tandemspec.edge.proposal import draft_distribution, local_distribution
 from tandemspec.edge.stats import GenerationResult, StatsCounter
 from tandemspec.edge.tokenizer import EdgeTokenizer, TextTracker
 from tandemspec.edge.tree import TreeShape, grow_tree
-from tandemspec.sampling import sample, sample_dense, seeded_rng
+from tandemspec.sampling import DraftTree, sample, sample_dense, seeded_rng
 from tandemspec.types import (
     DecodeMode,
     DraftFrame,
@@ -407,13 +407,18 @@ class _Generation:
         tip = list(self.committed)
         for sent in self.in_flight:
             if not sent.stale:
-                tip.extend(sent.frame.draft_ids)
+                frame = sent.frame
+                tip.extend(frame.draft_ids[i] for i in DraftTree.of(frame.parents, len(frame.draft_ids)).tip_path())
         return tip
 
     def _fill_pipeline(self) -> None:
-        """Send frames until one (no pipelining, or trees) or two (depth-1 pipelining) are live."""
+        """Send frames until one (no pipelining) or two (depth-1 pipelining) are live.
+
+        A pipelined frame assumes the live one before it fully accepted: for a tree, that the
+        path to its tip (its last token, the end of the drafter's likeliest path) is accepted.
+        """
         config = self.decoder.config
-        depth = 2 if config.pipeline and not config.tree_budget else 1
+        depth = 2 if config.pipeline else 1
         while sum(not s.stale for s in self.in_flight) < depth:
             live = [s for s in self.in_flight if not s.stale]
             if live and not live[-1].frame.expects_continuation:
@@ -423,10 +428,12 @@ class _Generation:
             if room <= 0:
                 return
             if config.tree_budget:
-                self._send(len(tip), self._draft_tree(tip, min(config.tree_budget, self.max_frame, room)), False)
-                continue
-            block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
-            is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
+                block = self._draft_tree(tip, min(config.tree_budget, self.max_frame, room))
+                tip_depth = len(DraftTree(block.parents).tip_path())
+                is_last = block.ids[-1] in self.eos or len(tip) + tip_depth >= self.session_limit
+            else:
+                block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
+                is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
             self._send(len(tip), block, expects_continuation=depth > 1 and not is_last)
 
     def _draft(

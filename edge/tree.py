@@ -13,7 +13,8 @@ not expanded: its children score lower still and could never be sent.
 
 Reranking: the ``budget`` best-scoring nodes are sent (ties: shallower first), which is
 closed under ancestors since a child never scores above its parent, in the order they were
-made, so every parent comes before its children.
+made, so every parent comes before its children, except that the end of the likeliest path
+goes last: it is the frame's *tip*, which a pipelined next frame assumes accepted.
 
 Sampling: the children are the deterministic top-k, so each is sent with the q it was drawn
 from given its context and earlier siblings, a point mass at itself; the verifier's
@@ -104,10 +105,25 @@ def grow_tree(
                 path_kv[node] = [np.concatenate(pair) for pair in zip(path_kv[parent], own, strict=True)]
             frontier.extend(add_children(node, logits[row]))
     kept = sorted(sorted(range(len(tokens)), key=lambda n: (-scores[n], depths[n], n))[: shape.budget])
+    kept = _tip_last(kept, parents, scores)
     index = {node: i for i, node in enumerate(kept)}
     ids = tuple(tokens[n] for n in kept)
     dists = () if sampling.is_greedy else tuple(SparseDist((token,), (1.0,)) for token in ids)
     return GrownTree(ids=ids, parents=tuple(index[parents[n]] if parents[n] >= 0 else -1 for n in kept), dists=dists)
+
+
+def _tip_last(kept: list[int], parents: list[int], scores: list[float]) -> list[int]:
+    """``kept`` (parents first) with the end of the likeliest path moved last, as the tree's tip.
+
+    The likeliest path follows the best-scoring kept child from the context down to a kept
+    leaf; a leaf can go last without breaking the parents-first order. A pipelined next
+    frame continues from it.
+    """
+    kept_set = set(kept)
+    node = -1
+    while children := [n for n in kept if parents[n] == node]:
+        node = max(children, key=lambda n: (scores[n], -n))
+    return [n for n in kept if n != node] + [node] if node in kept_set else kept
 
 
 def _top_children(

@@ -194,6 +194,15 @@ class DraftTree:
             depths.append(0 if parent < 0 else depths[parent] + 1)
         return depths
 
+    def tip_path(self) -> list[int]:
+        """The path from the context to the tip (for a chain: every token)."""
+        path: list[int] = []
+        node = len(self.parents) - 1
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
     def reaches_tip(self, path: tuple[int, ...]) -> bool:
         """Whether the accepted ``path`` ends at the tip (a tree with no tokens counts as reached)."""
         return not self.parents or (bool(path) and path[-1] == len(self.parents) - 1)

@@ -97,10 +97,8 @@ def chain_modes(lengths: Sequence[int]) -> tuple[BenchMode, ...]:
 
 
 def tree_modes(budgets: Sequence[int]) -> tuple[BenchMode, ...]:
-    """``lossless-treeN``: lossless decoding with draft trees of N tokens per frame (not pipelined)."""
-    return tuple(
-        BenchMode(f"lossless-tree{n}", "lossless", pipeline=False, tree_budget=n) for n in dict.fromkeys(budgets)
-    )
+    """``lossless-treeN``: lossless decoding with draft trees of N tokens per frame, pipelined as ``lossless``."""
+    return tuple(BenchMode(f"lossless-tree{n}", "lossless", tree_budget=n) for n in dict.fromkeys(budgets))
 
 
 @dataclass(frozen=True)

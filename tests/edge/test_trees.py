@@ -66,25 +66,33 @@ def test_grown_tree_is_a_reranked_closed_tree(
 def test_lossless_greedy_trees_are_target_greedy(
     family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_greedy: Any
 ) -> None:
-    decoder = make_decoder(family, verifier_for(family).address, tree_budget=8, tree_top_k=3, tree_depth=5)
-    passes = generated = 0
-    for text in PROMPTS:
-        prompt = decoder.tokenizer.encode_prompt(text)
-        result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24))
-        assert result.token_ids == target_greedy(family, prompt, 24), text
-        s = result.stats
-        assert s.mode_used == "lossless" and not s.fell_back_to_local and s.num_stale_frames == 0
-        assert s.num_rounds < s.num_drafted <= 8 * s.num_rounds  # trees of the budget at most (less near the end)
-        passes += s.num_target_passes
-        generated += s.num_generated
-    assert passes < generated  # drafts were accepted
+    """Token for token the target's greedy output, with and without pipelining (a frame sent on the
+    assumption that the previous tree's tip path is accepted, stale when it is not)."""
+    num_stale = {}
+    for pipeline in (False, True):
+        decoder = make_decoder(
+            family, verifier_for(family).address, tree_budget=8, tree_top_k=3, tree_depth=5, pipeline=pipeline
+        )
+        passes = generated = num_stale[pipeline] = 0
+        for text in PROMPTS:
+            prompt = decoder.tokenizer.encode_prompt(text)
+            result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24))
+            assert result.token_ids == target_greedy(family, prompt, 24), (pipeline, text)
+            s = result.stats
+            assert s.mode_used == "lossless" and not s.fell_back_to_local
+            assert s.num_rounds < s.num_drafted <= 8 * s.num_rounds  # trees of the budget at most (less near the end)
+            passes += s.num_target_passes
+            generated += s.num_generated
+            num_stale[pipeline] += s.num_stale_frames
+        assert passes < generated  # drafts were accepted
+    assert num_stale[False] == 0 and num_stale[True] > 0
 
 
 def test_tree_sampling_follows_the_target_distribution(
     make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_for: Callable[[str], Any]
 ) -> None:
-    """Many seeds through the edge with trees: the first two tokens follow the target's distributions
-    (the bound of tests/edge/test_decoder_e2e.py's pipelined sampling test)."""
+    """Many seeds through the edge with pipelined trees: the first two tokens follow the target's
+    distributions (the bound of tests/edge/test_decoder_e2e.py's pipelined sampling test)."""
     import torch
 
     from tandemspec.sampling import process_logits
