@@ -78,6 +78,7 @@ from tandemspec.types import (
 logger = logging.getLogger(__name__)
 
 _DRAFT_STREAM = 0x45444745  # "EDGE": the edge's random stream, apart from the cloud's
+TREES_CAPABILITY = "trees"  # in Info.capabilities: the verifier checks DraftFrame.parents
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ class _Generation:
         self.limit = min(self.prompt_length + request.max_new_tokens, self.drafter.capacity)
         self.session_id = ""
         self.stream: DecodeStream | None = None
+        self.tree_budget = 0  # tokens per draft tree once the verifier is known to check trees (0 = chains)
 
     # -- orchestration ---------------------------------------------------------------
 
@@ -257,6 +259,9 @@ class _Generation:
                 self._run_generate()
             else:
                 self._size_verify(info.limits)
+                self.tree_budget = self.decoder.config.tree_budget if TREES_CAPABILITY in info.capabilities else 0
+                if self.decoder.config.tree_budget and not self.tree_budget:
+                    logger.warning("the verifier does not verify draft trees: drafting chains")
                 if self.mode == "gated":
                     self._run_gated(info.limits.max_draft_tokens)
                 else:
@@ -427,8 +432,8 @@ class _Generation:
             room = self.session_limit - len(tip)
             if room <= 0:
                 return
-            if config.tree_budget:
-                block = self._draft_tree(tip, min(config.tree_budget, self.max_frame, room))
+            if self.tree_budget:
+                block = self._draft_tree(tip, min(self.tree_budget, self.max_frame, room))
                 tip_depth = len(DraftTree(block.parents).tip_path())
                 is_last = block.ids[-1] in self.eos or len(tip) + tip_depth >= self.session_limit
             else:

@@ -151,3 +151,24 @@ def test_reference_pair_trees_are_target_greedy() -> None:
                     assert list(result.token_ids) == expected, budget
                     passes[budget] += result.stats.num_target_passes
     assert passes[16] < passes[0]
+
+
+def test_a_verifier_without_trees_gets_chains(
+    make_decoder: Callable[..., HybridDecoder],
+    verifier_for: Callable[[str], Any],
+    target_greedy: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Trees only go to a verifier whose Info says it checks them; an older one gets chains."""
+    import dataclasses
+
+    decoder = make_decoder("llama", verifier_for("llama").address, tree_budget=8, draft_length=3, pipeline=False)
+    assert decoder.client is not None
+    info = decoder.client.ensure_connected()
+    assert "trees" in info.capabilities
+    older = dataclasses.replace(info, capabilities=tuple(c for c in info.capabilities if c != "trees"))
+    monkeypatch.setattr(decoder.client, "ensure_connected", lambda: older)
+    prompt = decoder.tokenizer.encode_prompt(PROMPTS[0])
+    result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=16))
+    assert result.token_ids == target_greedy("llama", prompt, 16)
+    assert result.stats.num_drafted <= 3 * result.stats.num_rounds  # chains of the draft length, no trees of 8
