@@ -488,7 +488,8 @@ class _Generation:
         start = time.perf_counter()
         config = self.decoder.config
         logits, _ = self.drafter.extend(tip[self.drafter.length :])
-        shape = TreeShape(budget, config.tree_top_k, min(config.tree_depth, self.drafter.capacity - len(tip) - 1))
+        depth = max(1, min(config.tree_depth, self.drafter.capacity - len(tip) - 1))  # within the drafter's capacity
+        shape = TreeShape(budget, config.tree_top_k, depth)
         tree = grow_tree(self.drafter, logits[-1], shape, self.sampling, self.max_support, self.eos)
         self.stats.draft_s += time.perf_counter() - start
         return _Block(list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents)

@@ -8,6 +8,10 @@ rejection emit a token from the normalised residual max(0, p - q); after a fully
 block emit a bonus token from p. The emitted tokens then follow p exactly, whatever q is,
 provided q is the distribution the drafter really sampled from. The drafter therefore
 samples from a *truncated* distribution (:func:`truncate`) and sends exactly that.
+
+Draft trees (:class:`DraftTree`) generalise the block: both rules walk the tree from the
+context (:func:`walk_tree`), trying each node's children in order; a chain is the tree with
+one child per node, so chains and trees share one verification path.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 For each link setting (round-trip delay) the runner walks the prompts once; for each
 prompt it runs every mode in turn (``cloud``, ``local``, ``lossless-sync``, ``lossless``,
 then one ``gated-KIND@Q`` mode per gate kind and quality floor, one ``lossless-sync-kN``
-chain per extra draft length and one ``lossless-treeN`` per tree budget), so slow drift of a shared
-machine hits all modes alike. Each run records the generated
+chain per extra draft length, ``lossless-sync-treeN`` and ``lossless-treeN`` per tree
+budget), so slow drift of a shared machine hits all modes alike. Each run records the generated
 ids, the decoder's statistics, the verifier's pass counts and when each token reached the
 app (``on_tokens``). The load test then runs N edges at once against the one verifier.
 Scoring and figures live in :mod:`tandemspec.bench.scoring` and :mod:`tandemspec.bench.figures`.
@@ -97,8 +97,13 @@ def chain_modes(lengths: Sequence[int]) -> tuple[BenchMode, ...]:
 
 
 def tree_modes(budgets: Sequence[int]) -> tuple[BenchMode, ...]:
-    """``lossless-treeN``: lossless decoding with draft trees of N tokens per frame, pipelined as ``lossless``."""
-    return tuple(BenchMode(f"lossless-tree{n}", "lossless", tree_budget=n) for n in dict.fromkeys(budgets))
+    """Per budget N, lossless decoding with draft trees of N tokens per frame: ``lossless-sync-treeN``
+    (each frame waits for the verdict before it) and ``lossless-treeN`` (pipelined, as ``lossless``)."""
+    return tuple(
+        BenchMode(f"lossless{'' if pipeline else '-sync'}-tree{n}", "lossless", pipeline=pipeline, tree_budget=n)
+        for n in dict.fromkeys(budgets)
+        for pipeline in (False, True)
+    )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ MODES = ("cloud", "local", "lossless-sync", "lossless")
 GATE_KINDS = ("learned", "entropy", "top1")
 GATE_QUALITIES = (0.5, 0.9)
 GATED = tuple(gated_mode_name(kind, q) for kind in GATE_KINDS for q in GATE_QUALITIES)
-SIZED = ("lossless-sync-k2", "lossless-tree6")  # one chain-family and one tree-family mode
+SIZED = ("lossless-sync-k2", "lossless-sync-tree6", "lossless-tree6")  # the chain and tree families' modes
 PROMPTS = ("def add(a, b):\n    return", "import os\n\n\ndef main():\n")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_DRAFTER = ("llama", 1, 0.05)  # what tiny_bundle_dir("llama") exports (seed 1, DRAFTER_NOISE)
@@ -186,7 +186,7 @@ def test_lossless_matches_cloud_and_quality_is_defined_by_its_ends(
 
 def test_chain_and_tree_modes_are_lossless(bench_out: tuple[Path, dict[str, Any]]) -> None:
     _, results = bench_out
-    for mode, most in (("lossless-sync-k2", 3), ("lossless-tree6", 7)):
+    for mode, most in (("lossless-sync-k2", 3), ("lossless-sync-tree6", 7), ("lossless-tree6", 7)):
         row = results["figures"][mode]["5"]
         assert row["exact_match_rate"] == 1.0, mode
         # The edge's pass count is the verifier's (one prefill per prompt), and a round commits
@@ -202,7 +202,13 @@ def test_tree_and_chain_flags_reach_the_config() -> None:
     assert config.tree_budgets == (8, 16) and config.chain_lengths == (6,)
     assert {"tree", "chain"} <= set(config.modes)
     names = [m.name for m in plan_modes(config, None).modes]
-    assert names[-3:] == ["lossless-sync-k6", "lossless-tree8", "lossless-tree16"]
+    assert names[-5:] == [
+        "lossless-sync-k6",
+        "lossless-sync-tree8",
+        "lossless-tree8",
+        "lossless-sync-tree16",
+        "lossless-tree16",
+    ]
     with pytest.raises(ValueError, match="tree modes need"):
         BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, modes=("tree",))
 
