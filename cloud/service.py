@@ -219,8 +219,7 @@ class VerifierService:
             self._metrics.stale_frames.inc()
             return session.stale_verdict(frame)
         validate_frame(frame, session, self._rules)
-        num_judged = 1 + frame.num_tokens  # the pending token, then committed and draft tokens
-        output = await self._scheduler.step(ForwardRow(session.kv, session.pending_ids(frame), num_logits=num_judged))
+        output = await self._scheduler.step(session.step_row(frame))
         start = time.perf_counter()
         outcome = judge_frame(output.logits, frame, session.open.sampling, session.open.return_top_k)
         compute_ms = output.compute_ms + (time.perf_counter() - start) * 1e3

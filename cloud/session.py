@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from tandemspec.cloud.target import SessionKV
+from tandemspec.cloud.target import ForwardRow, SessionKV
 from tandemspec.cloud.verify import FrameOutcome
+from tandemspec.sampling import DraftTree, chain_parents
 from tandemspec.types import DraftFrame, Limits, SessionKind, SessionOpen, Verdict
 
 _Q_SUM_TOLERANCE = 1e-3  # float32 rounding of a few dozen probabilities
@@ -122,12 +123,17 @@ def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules) -> 
 
 
 def _check_parents(frame: DraftFrame) -> None:
-    # Tree drafts are reserved; a plain chain written as parents is the same as none.
-    chain = tuple(range(-1, len(frame.draft_ids) - 1))
-    if frame.parents and frame.parents != chain:
-        raise SessionError(
-            grpc.StatusCode.UNIMPLEMENTED, "tree drafts (non-chain parents) are not supported", frame.seq
-        )
+    """Tree drafts: one parent per draft token, each before its child (-1 = after the committed tokens)."""
+    if not frame.parents:
+        return
+    if len(frame.parents) != len(frame.draft_ids):
+        raise invalid(f"{len(frame.draft_ids)} draft tokens but {len(frame.parents)} parents", frame.seq)
+    for index, parent in enumerate(frame.parents):
+        if not -1 <= parent < index:
+            raise invalid(
+                f"draft token {index} has parent {parent}: a parent must be -1 or the index of an earlier draft token",
+                frame.seq,
+            )
 
 
 def _check_draft_dists(frame: DraftFrame, rules: SessionRules) -> None:
@@ -202,21 +208,41 @@ class Session:
             return pending
         return pending + frame.committed_ids + frame.draft_ids
 
+    def step_row(self, frame: DraftFrame) -> ForwardRow:
+        """The target step that verifies ``frame``: pending, committed and draft tokens, logits for each.
+
+        A tree frame's parents become the fed tokens' own (:class:`~tandemspec.cloud.target.ForwardRow`):
+        the pending and committed tokens are a chain, a draft token whose parent is -1 follows
+        the last of them. Built here from the validated parents, never from a client mask.
+        """
+        input_ids = self.pending_ids(frame)
+        parents: tuple[int, ...] = ()
+        if frame.parents and not DraftTree(frame.parents).is_chain:
+            base = len(input_ids) - len(frame.draft_ids)  # fed tokens before the draft tokens
+            parents = chain_parents(base) + tuple(base + parent for parent in frame.parents)
+        num_judged = 1 + frame.num_tokens  # the pending token, then committed and draft tokens
+        return ForwardRow(self.kv, input_ids, num_logits=num_judged, parents=parents)
+
     def stale_verdict(self, frame: DraftFrame) -> Verdict:
         """Answer to a frame drafted before the latest rollback: not verified."""
         return Verdict(seq=frame.seq, epoch=self.epoch, committed_length=self.committed_length, stale=True)
 
     def apply_verdict(self, frame: DraftFrame, outcome: FrameOutcome, kv: SessionKV, compute_ms: float) -> Verdict:
-        """Commit a verified frame: append, roll the KV back, advance the epoch on rejection."""
-        accepted = frame.draft_ids[: outcome.num_accepted]
+        """Commit a verified frame: append, compact the KV to the accepted path, advance the epoch on rejection.
+
+        ``kv`` holds the session's past and every fed token (draft tokens last, in frame order).
+        """
         self.tokens.extend(frame.committed_ids)
-        self.tokens.extend(accepted)
+        self.tokens.extend(frame.draft_ids[i] for i in outcome.path)
         if outcome.next_token is not None:
             self.tokens.append(outcome.next_token)
         if not outcome.fully_accepted:
             self.epoch += 1
-        # Rollback: drop rejected drafts' KV, and keep the last token pending.
-        self.kv = kv.crop(len(self.tokens) - 1)
+        # Rollback: keep the accepted path's KV only (a crop for a chain), and the last token pending.
+        first_draft = kv.length - len(frame.draft_ids)
+        kept = kv.select(first_draft, [first_draft + i for i in outcome.path])
+        self.kv = kept.crop(len(self.tokens) - 1)
+        chain = outcome.path == tuple(range(outcome.num_accepted))
         return Verdict(
             seq=frame.seq,
             epoch=self.epoch,
@@ -227,6 +253,7 @@ class Session:
             labels=outcome.labels,
             target_top_k=outcome.target_top_k,
             compute_ms=compute_ms,
+            accepted_nodes=() if chain else outcome.path,
         )
 
     def append_generated(self, token: int, kv: SessionKV) -> None:

@@ -18,6 +18,14 @@ HF's causal mask then lets new token j of row i see exactly its own past and new
 0..j, so each row computes what it would alone (up to float rounding). Absolute-position
 models (GPT-2) get the right positions from ``position_ids``.
 
+Draft trees (``ForwardRow.parents``): a row's new tokens form a tree instead of a chain.
+Each token's position is its past length plus its depth, and a 4-D float mask
+``[B, 1, Nmax, Lmax + Nmax]`` (0 = attend, the dtype's minimum = hidden; HF uses a 4-D mask
+as given, for Llama, Qwen2 and GPT-2 alike) lets it see its row's past, its ancestors and
+itself: each tree path computes what it would as a chain. A batch with no tree keeps the
+2-D padding mask. The cache then holds every fed token; :meth:`SessionKV.select` keeps
+the accepted path.
+
 Cost: stacking copies each session's KV once per batched step (as HF's own DynamicCache
 does on every append); rows are cloned back out so that no session pins a batch tensor.
 A batch of one session runs on its cache directly. A paged-attention kernel would avoid
@@ -32,10 +40,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from tandemspec.cloud.config import DeviceChoice, DtypeChoice
+from tandemspec.sampling import DraftTree, chain_parents
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,16 @@ class SessionKV:
             return SessionKV.empty()
         return SessionKV(tuple((k[:, :, :length], v[:, :, :length]) for k, v in self.layers), length)
 
+    def select(self, length: int, positions: Sequence[int]) -> SessionKV:
+        """The first ``length`` positions, then ``positions`` (each >= ``length``, in order): a tree's
+        accepted path. A crop (no copy) when the positions follow on from ``length``."""
+        assert all(length <= position < self.length for position in positions), (length, positions, self.length)
+        if list(positions) == list(range(length, length + len(positions))):
+            return self.crop(length + len(positions))
+        index = torch.tensor([*range(length), *positions], dtype=torch.long, device=self.layers[0][0].device)
+        layers = tuple((k.index_select(2, index), v.index_select(2, index)) for k, v in self.layers)
+        return SessionKV(layers, len(index))
+
 
 @dataclass(frozen=True)
 class ForwardRow:
@@ -72,6 +92,9 @@ class ForwardRow:
     kv: SessionKV
     input_ids: tuple[int, ...]
     num_logits: int | None = None  # logits for the last this-many fed tokens (None: all of them)
+    # A tree over the fed tokens: parents[j] < j is the fed token that token j follows (-1 =
+    # the past). Empty: a chain (each token follows the previous one).
+    parents: tuple[int, ...] = ()
 
     @property
     def logits_kept(self) -> int:
@@ -161,10 +184,16 @@ class TargetModel:
         n = len(row.input_ids)
         past = row.kv.length
         input_ids = torch.tensor([row.input_ids], dtype=torch.long, device=self.device)  # [1, n]
-        position_ids = torch.arange(past, past + n, device=self.device)[None]  # [1, n]
+        mask = None
+        if row.parents:
+            position_ids = (past + torch.tensor(DraftTree(row.parents).depths(), device=self.device))[None]  # [1, n]
+            mask = self._tree_mask([row], past, n)  # [1, 1, n, past + n]
+        else:
+            position_ids = torch.arange(past, past + n, device=self.device)[None]  # [1, n]
         cache = self._cache(list(row.kv.layers))
         out = self.model(
             input_ids=input_ids,
+            attention_mask=mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
@@ -188,13 +217,16 @@ class TargetModel:
             attention_mask[i, max_past - past_lengths[i] : max_past + new_lengths[i]] = 1
             # Padded tail positions are clamped so absolute-position tables are never overrun.
             position_ids[i] = torch.arange(past_lengths[i], past_lengths[i] + max_new).clamp(max=position_cap)
+            if row.parents:
+                position_ids[i, : new_lengths[i]] = past_lengths[i] + torch.tensor(DraftTree(row.parents).depths())
+        mask = self._tree_mask(rows, max_past, max_new) if any(row.parents for row in rows) else attention_mask
         # New tokens are right-padded, so row i wants columns [n_i - keep_i, n_i): keep every
         # column from the earliest of those starts (one slice serves the whole batch).
         first_kept = min(n - row.logits_kept for n, row in zip(new_lengths, rows, strict=True))
         cache = self._cache(self._stack_past(rows, max_past))
         out = self.model(
             input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device),
             past_key_values=cache,
             use_cache=True,
@@ -211,6 +243,23 @@ class TargetModel:
             logits.append(all_logits[i, end - rows[i].logits_kept : end])
             outputs.append(SessionKV(layers, past_lengths[i] + new_lengths[i]))
         return logits, outputs
+
+    def _tree_mask(self, rows: Sequence[ForwardRow], max_past: int, max_new: int) -> torch.Tensor:
+        """The 4-D float mask of a step with trees: [B, 1, Nmax, Lmax + Nmax] (see the module doc).
+
+        Row i's past sits left-padded in columns ``[Lmax - L_i, Lmax)``, its new tokens in
+        ``[Lmax, Lmax + n_i)``; a padded query attends only to itself (no empty softmax).
+        """
+        allowed = torch.zeros(len(rows), max_new, max_past + max_new, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            n, past = len(row.input_ids), row.kv.length
+            allowed[i, :n, max_past - past : max_past] = True
+            allowed[i, :n, max_past : max_past + n] = torch.from_numpy(ancestor_matrix(row.parents or chain_parents(n)))
+            padded = torch.arange(n, max_new)
+            allowed[i, padded, max_past + padded] = True
+        mask = torch.zeros(allowed.shape, dtype=self.model.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
+        return mask[:, None].to(self.device)
 
     def _stack_past(self, rows: Sequence[ForwardRow], max_past: int) -> list[KVLayer]:
         """Left-pad every row's past to ``max_past``: per layer [B, kv_heads, Lmax, head_dim]."""
@@ -244,6 +293,17 @@ class TargetModel:
         """KV bytes one token occupies, measured with a one-token forward (also a warm-up)."""
         out = self.prefill([self.pad_id])
         return sum(k.nbytes + v.nbytes for k, v in out.kv.layers)
+
+
+def ancestor_matrix(parents: Sequence[int]) -> np.ndarray:
+    """[n, n] bool: entry (j, a) is True when token a is token j itself or one of its ancestors."""
+    n = len(parents)
+    out = np.zeros((n, n), dtype=bool)
+    for j, parent in enumerate(parents):
+        if parent >= 0:
+            out[j] = out[parent]
+        out[j, j] = True
+    return out
 
 
 def _max_positions(config: object) -> int | None:

@@ -9,6 +9,12 @@ tokens::
     rows m .. m+k-1    judge the draft tokens (verify_greedy / verify_sampling)
     row  m+k           gives the bonus after a fully accepted block
 
+A tree frame (``parents``) is fed the same way, its draft tokens in frame order with a
+tree attention mask (:mod:`tandemspec.cloud.target`), so row ``m + i + 1`` is the target's
+distribution after draft token ``i`` and its path; the draft rows are those of
+:class:`~tandemspec.sampling.DraftTree` shifted by ``m``. A chain is the tree ``-1, 0, 1, ...``:
+one verification path serves both.
+
 Labels (the SPRINTER label, "would standard verification accept this token?"):
 
 * draft tokens: what :func:`verify_greedy` / :func:`verify_sampling` return;
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 from tandemspec.cloud import probs as dist
-from tandemspec.sampling import Judgement, accept_drafts, seeded_rng, verify_greedy
+from tandemspec.sampling import DraftTree, Judgement, TreeOps, accept_drafts, seeded_rng, verify_greedy, walk_tree
 from tandemspec.types import DraftFrame, SamplingParams, SparseDist
 
 
@@ -42,15 +48,15 @@ class FrameOutcome:
     """What verification decided for one frame."""
 
     num_committed: int
-    num_accepted: int
+    path: tuple[int, ...]  # accepted draft tokens' indices, root to leaf
     next_token: int | None  # correction or bonus; None when the bonus is deferred
     labels: tuple[bool, ...]  # committed tokens first, then draft tokens
     target_top_k: tuple[SparseDist, ...]
+    fully_accepted: bool  # the path reached the frame's tip (a chain: every draft token)
 
     @property
-    def fully_accepted(self) -> bool:
-        """Every draft token was accepted."""
-        return self.num_accepted == len(self.labels) - self.num_committed
+    def num_accepted(self) -> int:
+        return len(self.path)
 
 
 def judge_frame(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParams, return_top_k: int) -> FrameOutcome:
@@ -62,10 +68,11 @@ def judge_frame(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParam
     top_k = target_top_k(logits[: m + k], sampling, return_top_k)
     return FrameOutcome(
         num_committed=m,
-        num_accepted=judgement.num_accepted,
+        path=judgement.path,
         next_token=judgement.next_token,
         labels=committed_labels + judgement.labels,
         target_top_k=top_k,
+        fully_accepted=DraftTree.of(frame.parents, k).reaches_tip(judgement.path),
     )
 
 
@@ -81,7 +88,8 @@ def judge_draft(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParam
     """Greedy or rejection-sampling verification of the draft tokens. ``logits``: [k + 1, vocab]."""
     defer = frame.expects_continuation
     if sampling.is_greedy:
-        return verify_greedy(logits.argmax(-1).tolist(), frame.draft_ids, defer_bonus=defer)  # host sync: k + 1 ints
+        argmax = logits.argmax(-1).tolist()  # host sync: k + 1 ints
+        return verify_greedy(argmax, frame.draft_ids, defer_bonus=defer, parents=frame.parents)
     first_draft_position = frame.position + len(frame.committed_ids)
     rng = seeded_rng(sampling.seed, first_draft_position)
     return verify_sampling(dist.process_probs(logits, sampling), frame, rng)
@@ -90,21 +98,22 @@ def judge_draft(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParam
 def verify_sampling(target_probs: torch.Tensor, frame: DraftFrame, rng: np.random.Generator) -> Judgement:
     """``tandemspec.sampling.verify_sampling`` with p on the device: the same draws, in the same order.
 
-    ``target_probs``: [k + 1, vocab] processed p at each draft position and one past it.
+    ``target_probs``: [k + 1, vocab] processed p per row (see :class:`~tandemspec.sampling.DraftTree`).
     """
     k = len(frame.draft_ids)
+    tree = DraftTree.of(frame.parents, k)
     uniforms = rng.random(k)
-    rows = torch.arange(k, device=target_probs.device)
+    rows = torch.tensor(tree.rows(), dtype=torch.long, device=target_probs.device)
     draft = torch.tensor(frame.draft_ids, dtype=torch.long, device=target_probs.device)
     p_draft = target_probs[rows, draft].tolist()  # host sync: k floats
     labels = accept_drafts(p_draft, frame.draft_ids, frame.draft_dists, uniforms)
-    num_accepted = labels.index(False) if False in labels else k
-    if num_accepted == k:
-        if frame.expects_continuation:
-            return Judgement(k, None, labels)
-        return Judgement(k, dist.sample(target_probs[k], rng), labels)
-    residual = dist.residual(target_probs[num_accepted], frame.draft_dists[num_accepted])
-    return Judgement(num_accepted, dist.sample(residual, rng), labels)
+    ops: TreeOps[torch.Tensor] = TreeOps(
+        row=lambda row: target_probs[row],
+        prob=lambda p, token: float(p[token]),  # host sync: one float, only for a second sibling on
+        residual=dist.residual,
+        sample=lambda p: dist.sample(p, rng),
+    )
+    return walk_tree(tree, frame.draft_ids, frame.draft_dists, labels, uniforms, ops, frame.expects_continuation)
 
 
 def target_top_k(logits: torch.Tensor, sampling: SamplingParams, top_k: int) -> tuple[SparseDist, ...]:

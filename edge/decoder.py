@@ -7,7 +7,10 @@ Modes (docs/architecture.md "Decoding modes"):
     arXiv:2302.01318): the drafter proposes a block, the cloud judges every token, the
     output follows the target exactly. With pipelining (depth 1) the next block is drafted
     optimistically and sent before the previous verdict arrives, hiding the round trip;
-    a rejection rolls the drafter back and the in-flight frame comes back stale.
+    a rejection rolls the drafter back and the in-flight frame comes back stale. With a
+    tree budget (``tree_budget > 0``) each frame is an EAGLE-2-style draft tree
+    (:mod:`tandemspec.edge.tree`) of that many tokens and the verdict names the accepted
+    path; a pipelined frame then assumes the path to the tree's tip accepted.
 ``local``
     The drafter alone; also what any mode continues with when the cloud is lost.
 ``cloud``
@@ -55,7 +58,8 @@ from tandemspec.edge.gate import TrustGate
 from tandemspec.edge.proposal import draft_distribution, local_distribution
 from tandemspec.edge.stats import GenerationResult, StatsCounter
 from tandemspec.edge.tokenizer import EdgeTokenizer, TextTracker
-from tandemspec.sampling import sample, sample_dense, seeded_rng
+from tandemspec.edge.tree import TreeShape, grow_tree
+from tandemspec.sampling import DraftTree, sample, sample_dense, seeded_rng
 from tandemspec.types import (
     DecodeMode,
     DraftFrame,
@@ -74,6 +78,7 @@ from tandemspec.types import (
 logger = logging.getLogger(__name__)
 
 _DRAFT_STREAM = 0x45444745  # "EDGE": the edge's random stream, apart from the cloud's
+TREES_CAPABILITY = "trees"  # in Info.capabilities: the verifier checks DraftFrame.parents
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,18 @@ class DecoderConfig:
     client_id: str = ""
     # gated mode: verify the next token once this many went by unchecked (0 = only when doubted)
     gate_check_every: int = 16
+    # lossless mode: draft trees of this many tokens per frame (0 = chains of draft_length)
+    tree_budget: int = 0
+    # children per expanded node and nodes expanded per depth, and the deepest a tree grows:
+    # the best of the shapes tried on the reference pair (docs/trees.md)
+    tree_top_k: int = 2
+    tree_depth: int = 16
 
     def __post_init__(self) -> None:
         if self.draft_length < 1 or self.max_support < 1:
             raise ValueError("draft_length and max_support must be >= 1")
+        if self.tree_budget < 0 or self.tree_top_k < 1 or self.tree_depth < 1:
+            raise ValueError("tree_budget must be >= 0, tree_top_k and tree_depth >= 1")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
 
@@ -187,6 +200,7 @@ class _Block:
     dists: list[SparseDist]
     features: np.ndarray | None
     ends_with_eos: bool
+    parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
 
 
 class _Generation:
@@ -208,6 +222,7 @@ class _Generation:
         self.limit = min(self.prompt_length + request.max_new_tokens, self.drafter.capacity)
         self.session_id = ""
         self.stream: DecodeStream | None = None
+        self.tree_budget = 0  # tokens per draft tree once the verifier is known to check trees (0 = chains)
 
     # -- orchestration ---------------------------------------------------------------
 
@@ -244,6 +259,9 @@ class _Generation:
                 self._run_generate()
             else:
                 self._size_verify(info.limits)
+                self.tree_budget = self.decoder.config.tree_budget if TREES_CAPABILITY in info.capabilities else 0
+                if self.decoder.config.tree_budget and not self.tree_budget:
+                    logger.warning("the verifier does not verify draft trees: drafting chains")
                 if self.mode == "gated":
                     self._run_gated(info.limits.max_draft_tokens)
                 else:
@@ -344,6 +362,7 @@ class _Generation:
         """Fit draft length, q support and the generation's length to the verifier's limits."""
         config = self.decoder.config
         self.max_draft = max(1, min(config.draft_length, limits.max_draft_tokens or config.draft_length))
+        self.max_frame = limits.max_draft_tokens or config.tree_budget  # draft tokens one frame may carry
         self.max_support = max(1, min(config.max_support, limits.max_support or config.max_support))
         if limits.max_context_tokens:
             self.limit = min(self.limit, limits.max_context_tokens - 1)  # the correction/bonus may add one more
@@ -393,12 +412,18 @@ class _Generation:
         tip = list(self.committed)
         for sent in self.in_flight:
             if not sent.stale:
-                tip.extend(sent.frame.draft_ids)
+                frame = sent.frame
+                tip.extend(frame.draft_ids[i] for i in DraftTree.of(frame.parents, len(frame.draft_ids)).tip_path())
         return tip
 
     def _fill_pipeline(self) -> None:
-        """Send frames until one (no pipelining) or two (depth-1 pipelining) are live."""
-        depth = 2 if self.decoder.config.pipeline else 1
+        """Send frames until one (no pipelining) or two (depth-1 pipelining) are live.
+
+        A pipelined frame assumes the live one before it fully accepted: for a tree, that the
+        path to its tip (its last token, the end of the drafter's likeliest path) is accepted.
+        """
+        config = self.decoder.config
+        depth = 2 if config.pipeline else 1
         while sum(not s.stale for s in self.in_flight) < depth:
             live = [s for s in self.in_flight if not s.stale]
             if live and not live[-1].frame.expects_continuation:
@@ -407,9 +432,14 @@ class _Generation:
             room = self.session_limit - len(tip)
             if room <= 0:
                 return
-            block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
-            is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
-            self._send(len(tip), block, expects_continuation=self.decoder.config.pipeline and not is_last)
+            if self.tree_budget:
+                block = self._draft_tree(tip, min(self.tree_budget, self.max_frame, room))
+                tip_depth = len(DraftTree(block.parents).tip_path())
+                is_last = block.ids[-1] in self.eos or len(tip) + tip_depth >= self.session_limit
+            else:
+                block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
+                is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
+            self._send(len(tip), block, expects_continuation=depth > 1 and not is_last)
 
     def _draft(
         self,
@@ -453,6 +483,17 @@ class _Generation:
         self.stats.draft_s += time.perf_counter() - start
         return _Block(ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos)
 
+    def _draft_tree(self, tip: list[int], budget: int) -> _Block:
+        """An EAGLE-2-style tree of at most ``budget`` tokens after ``tip`` (the drafter then holds all of ``tip``)."""
+        start = time.perf_counter()
+        config = self.decoder.config
+        logits, _ = self.drafter.extend(tip[self.drafter.length :])
+        depth = max(1, min(config.tree_depth, self.drafter.capacity - len(tip) - 1))  # within the drafter's capacity
+        shape = TreeShape(budget, config.tree_top_k, depth)
+        tree = grow_tree(self.drafter, logits[-1], shape, self.sampling, self.max_support, self.eos)
+        self.stats.draft_s += time.perf_counter() - start
+        return _Block(list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents)
+
     def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
         """The drafted token at ``position`` and, when sampling, the exact truncated q it came from."""
         if self.sampling.is_greedy:
@@ -478,6 +519,7 @@ class _Generation:
             draft_ids=tuple(block.ids),
             draft_dists=tuple(block.dists),
             expects_continuation=expects_continuation,
+            parents=block.parents,
         )
         self.seq += 1
         self.stream.send(frame)
@@ -506,7 +548,10 @@ class _Generation:
                 f"frame at {frame.position} (+{len(frame.committed_ids)} committed) judged while "
                 f"{len(self.committed)} tokens are committed",
             )
-        accepted = list(frame.draft_ids[: verdict.num_accepted])
+        path = verdict.accepted_path
+        if any(not 0 <= i < len(frame.draft_ids) for i in path):
+            raise CloudRefused(None, f"verdict names draft tokens {path} of a frame of {len(frame.draft_ids)}")
+        accepted = [frame.draft_ids[i] for i in path]
         new = accepted + ([verdict.next_token] if verdict.next_token is not None else [])
         self.stats.add_verdict(len(frame.draft_ids), verdict)
         self._log_round(sent, verdict)
@@ -514,7 +559,7 @@ class _Generation:
             raise CloudRefused(
                 None, f"verdict says {verdict.committed_length} tokens, edge counts {len(self.committed) + len(new)}"
             )
-        rejected = verdict.num_accepted < len(frame.draft_ids)
+        rejected = not verdict.fully_accepted
         if rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
             # The future the later frames were drafted on is gone: they come back stale.
             for later in self.in_flight:

@@ -7,6 +7,12 @@ draft is a change of ``length`` (the stale tail is simply overwritten later).
 
 The cache is the state of one generation; concurrent generations each use a
 :meth:`OnnxDrafter.fork`, which shares the (thread-safe) ONNX Runtime session and owns its cache.
+
+Draft trees (:mod:`tandemspec.edge.tree`) need no other graph: the exported graph's batch
+axis is dynamic, so :meth:`OnnxDrafter.extend_branches` feeds one token to each of several
+branches at once, each row's past being the cached prefix (tiled along the batch axis)
+followed by that branch's own ancestors. Branch keys and values never enter the cache; after
+a verdict the accepted tokens are fed as usual (one call, which also feeds the correction).
 """
 
 from __future__ import annotations
@@ -96,6 +102,11 @@ class OnnxDrafter:
             raise ValueError(f"drafter graph does not match its manifest; missing {sorted(missing)}")
 
     @property
+    def past_names(self) -> list[str]:
+        """The graph's past inputs, ``past.{layer}.{key|value}``, in the order results use."""
+        return self._past_names
+
+    @property
     def length(self) -> int:
         """Tokens currently in the cache."""
         return self._length
@@ -145,6 +156,39 @@ class OnnxDrafter:
         self._tokens[start:end] = input_ids[0]
         self._length = end
         return outputs[0][0], outputs[1][0]  # [n, vocab], [n, hidden]
+
+    def extend_branches(
+        self, ids: Sequence[int], branch_past: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One token after each of ``len(ids)`` branches of the cached sequence (the cache is unchanged).
+
+        ``branch_past``: per past input (``past.{layer}.{key|value}``), the branches' ancestors'
+        keys or values, [B, depth, kv_heads, head_dim] (None: the branches start at the cache's
+        end). Returns logits [B, vocab] and per past input the new token's keys or values,
+        [B, 1, kv_heads, head_dim].
+        """
+        batch, start = len(ids), self._length
+        depth = 0 if branch_past is None else branch_past[0].shape[1]
+        if batch == 0:
+            raise ValueError("extend_branches needs at least one branch")
+        if start + depth + 1 > self.capacity:
+            raise ValueError(f"context of {start + depth + 1} tokens exceeds the drafter's capacity of {self.capacity}")
+        input_ids = np.asarray(ids, dtype=np.int64)[:, None]  # [B, 1]
+        if input_ids.min() < 0 or input_ids.max() >= self.manifest.vocab_size:
+            raise ValueError(f"token id outside the vocabulary of {self.manifest.vocab_size}")
+        total = start + depth + 1
+        feed: dict[str, np.ndarray] = {
+            "input_ids": input_ids,
+            "attention_mask": np.ones((batch, total), dtype=np.int64),  # [B, total]
+            "position_ids": np.full((batch, 1), start + depth, dtype=np.int64),  # [B, 1]
+        }
+        for index, (name, buffer) in enumerate(zip(self._past_names, self._cache, strict=True)):
+            prefix = np.broadcast_to(buffer[:, :start], (batch, start, *buffer.shape[2:]))  # [B, past, h, d], a view
+            # One copy per layer: the prefix tiled along the batch axis, then the branches' ancestors.
+            parts = [prefix] if branch_past is None else [prefix, branch_past[index]]
+            feed[name] = np.concatenate(parts, axis=1)
+        outputs = self._session.run(self._output_names, feed)
+        return outputs[0][:, -1], outputs[2:]  # [B, vocab], per past input [B, 1, kv_heads, head_dim]
 
     def rollback(self, length: int) -> None:
         """Forget every token from ``length`` on (the cache keeps ``length`` tokens)."""

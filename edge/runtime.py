@@ -54,6 +54,7 @@ class EdgeConfig:
     gate_threshold: float | None = None
     gate_check_every: int = 16  # verify at least every N tokens (0 = only doubted tokens)
     pipeline: bool = True
+    tree_budget: int = 0  # lossless mode: draft trees of this many tokens per frame (0 = chains)
     max_support: int = 32
     return_top_k: int = 0
     log_db: Path | None = None
@@ -81,6 +82,8 @@ class EdgeConfig:
             raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
         if self.max_support < 1:
             raise ValueError(f"max_support must be >= 1, got {self.max_support}")
+        if self.tree_budget < 0:
+            raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
         self.gate_choice()  # checks the kind and that at most one operating point is given
@@ -102,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         for name in (
             "cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "min_survival", "gate",
             "gate_kind", "gate_quality", "gate_lambda", "gate_threshold", "gate_check_every", "log_db", "host", "port",
-            "watch_interval_s",
+            "watch_interval_s", "tree_budget",
         )
     }  # fmt: skip
     if getattr(args, "no_pipeline", False):
@@ -129,6 +132,7 @@ class LoadedBundle:
             mode=config.mode,
             draft_length=config.draft_length,
             pipeline=config.pipeline,
+            tree_budget=config.tree_budget,
             max_support=config.max_support,
             return_top_k=config.return_top_k,
             client_id=config.client_id,

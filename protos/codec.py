@@ -216,6 +216,7 @@ def encode_cloud_frame(message: CloudMessage) -> pb.CloudFrame:
             target_top_k=[encode_sparse(d) for d in message.target_top_k],
             compute_ms=message.compute_ms,
             stale=message.stale,
+            accepted_nodes=message.accepted_nodes,
         )
         if message.next_token is not None:
             verdict.next_token = message.next_token
@@ -249,6 +250,7 @@ def decode_cloud_frame(frame: pb.CloudFrame) -> CloudMessage | pb.Error:
             target_top_k=tuple(decode_sparse(d) for d in v.target_top_k),
             compute_ms=v.compute_ms,
             stale=v.stale,
+            accepted_nodes=tuple(v.accepted_nodes),
         )
     if which == "tokens":
         return GeneratedTokens(ids=tuple(frame.tokens.ids), compute_ms=frame.tokens.compute_ms)

@@ -141,7 +141,7 @@ class SessionReady(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_length: _Optional[int] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "epoch", "committed_length", "num_committed", "num_accepted", "next_token", "labels", "num_labels", "target_top_k", "compute_ms", "stale")
+    __slots__ = ("seq", "epoch", "committed_length", "num_committed", "num_accepted", "next_token", "labels", "num_labels", "target_top_k", "compute_ms", "stale", "accepted_nodes")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class Verdict(_message.Message):
     TARGET_TOP_K_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_NODES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     epoch: int
     committed_length: int
@@ -164,7 +165,8 @@ class Verdict(_message.Message):
     target_top_k: _containers.RepeatedCompositeFieldContainer[SparseDist]
     compute_ms: float
     stale: bool
-    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., committed_length: _Optional[int] = ..., num_committed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_labels: _Optional[int] = ..., target_top_k: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., stale: _Optional[bool] = ...) -> None: ...
+    accepted_nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., committed_length: _Optional[int] = ..., num_committed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_labels: _Optional[int] = ..., target_top_k: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., stale: _Optional[bool] = ..., accepted_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GeneratedTokens(_message.Message):
     __slots__ = ("ids", "compute_ms")

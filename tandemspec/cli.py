@@ -96,6 +96,11 @@ def _dynamic_draft_args(parser: argparse.ArgumentParser) -> None:
         help="dynamic draft length: cut a block when the gate's chance that it all survives drops below this",
     )
     parser.add_argument("--gate", type=Path, help="gate.onnx for --min-survival (default: the bundle's gate)")
+    parser.add_argument(
+        "--tree-budget",
+        type=int,
+        help="lossless mode: send EAGLE-2-style draft trees of N tokens per frame, not pipelined (0 = chains; 0)",
+    )
 
 
 def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -190,8 +195,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", help="numbers of concurrent edges (default 1,4,16; quick 1,4)")
     parser.add_argument(
         "--modes",
-        help="comma-separated subset of cloud,local,lossless-sync,lossless,gated (default: all; gated runs one "
-        "operating point per gate kind and quality floor)",
+        help="comma-separated subset of cloud,local,lossless-sync,lossless,gated,chain,tree (default: all but chain "
+        "and tree; gated runs one operating point per gate kind and quality floor, chain and tree one mode per size)",
     )
     parser.add_argument(
         "--gate-kinds", help="gated: comma-separated trust scores among learned,entropy,top1 (default: all three)"
@@ -205,6 +210,13 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
         "--gate-check-every", type=int, help="gated: verify at least every N tokens (0 = only doubted ones; 16)"
     )
     parser.add_argument("--max-new-tokens", type=int, help="tokens per completion (default 64; quick 32)")
+    parser.add_argument("--draft-length", type=int, help="draft tokens per frame of lossless and lossless-sync (4)")
+    parser.add_argument(
+        "--chain-lengths", help="comma-separated draft lengths: one synchronous chain mode lossless-sync-kN each"
+    )
+    parser.add_argument(
+        "--tree-budget", help="comma-separated tree budgets: one mode lossless-treeN each (draft trees of N tokens)"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
     parser.add_argument("--out", type=Path, required=True)
 

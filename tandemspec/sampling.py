@@ -8,12 +8,17 @@ rejection emit a token from the normalised residual max(0, p - q); after a fully
 block emit a bonus token from p. The emitted tokens then follow p exactly, whatever q is,
 provided q is the distribution the drafter really sampled from. The drafter therefore
 samples from a *truncated* distribution (:func:`truncate`) and sends exactly that.
+
+Draft trees (:class:`DraftTree`) generalise the block: both rules walk the tree from the
+context (:func:`walk_tree`), trying each node's children in order; a chain is the tree with
+one child per node, so chains and trees share one verification path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -23,6 +28,8 @@ from tandemspec.types import SamplingParams, SparseDist
 _RESIDUAL_EPS = 1e-12
 # First guess at how many tokens a top-p nucleus holds (grown until it holds them all).
 _FIRST_HEAD = 64
+
+Dist = TypeVar("Dist")  # a target distribution as :func:`walk_tree`'s caller holds it
 
 
 def seeded_rng(seed: int, position: int, stream: int = 0) -> np.random.Generator:
@@ -134,31 +141,118 @@ def sample_dense(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(probs.shape[-1], p=probs / probs.sum()))
 
 
+def chain_parents(num_tokens: int) -> tuple[int, ...]:
+    """The parents of a chain of ``num_tokens`` draft tokens: each token follows the previous one."""
+    return tuple(range(-1, num_tokens - 1))
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """Draft tokens as a tree (SpecInfer, arXiv:2305.09781; EAGLE-2, arXiv:2406.16858).
+
+    ``parents[i]`` is the index of token ``i``'s parent among the draft tokens, -1 for a
+    child of the context; every parent comes before its child. A chain is the tree whose
+    parents are ``-1, 0, 1, ...``; an empty ``parents`` means that chain.
+
+    *Rows* number the distributions that judge tokens: row 0 is the target's distribution
+    after the context, row ``i + 1`` the one after draft token ``i``; token ``i`` is judged
+    by row ``parents[i] + 1``, and a path that ends at token ``j`` gets its bonus from row
+    ``j + 1``. The *tip* is the last token: a frame is *fully accepted* when the accepted
+    path reaches it (for a chain: every token accepted), which is what a pipelined
+    continuation frame assumes.
+    """
+
+    parents: tuple[int, ...]
+
+    @staticmethod
+    def of(parents: tuple[int, ...], num_tokens: int) -> DraftTree:
+        """The tree of a frame: ``parents``, or the chain when they are empty."""
+        return DraftTree(parents or chain_parents(num_tokens))
+
+    def __post_init__(self) -> None:
+        assert all(-1 <= parent < i for i, parent in enumerate(self.parents)), self.parents
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.parents)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == chain_parents(len(self.parents))
+
+    def rows(self) -> list[int]:
+        """The row that judges each token: [num_tokens]."""
+        return [parent + 1 for parent in self.parents]
+
+    def children(self) -> list[list[int]]:
+        """Per row (0 = the context, ``i + 1`` = token ``i``): the tokens it judges, in order."""
+        out: list[list[int]] = [[] for _ in range(len(self.parents) + 1)]
+        for i, parent in enumerate(self.parents):
+            out[parent + 1].append(i)
+        return out
+
+    def depths(self) -> list[int]:
+        """Per token: 0 for a child of the context, its parent's depth + 1 otherwise."""
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        return depths
+
+    def tip_path(self) -> list[int]:
+        """The path from the context to the tip (for a chain: every token)."""
+        path: list[int] = []
+        node = len(self.parents) - 1
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def reaches_tip(self, path: tuple[int, ...]) -> bool:
+        """Whether the accepted ``path`` ends at the tip (a tree with no tokens counts as reached)."""
+        return not self.parents or (bool(path) and path[-1] == len(self.parents) - 1)
+
+
 @dataclass(frozen=True)
 class Judgement:
-    """Outcome of verifying one block of draft tokens."""
+    """Outcome of verifying one block (chain or tree) of draft tokens."""
 
-    num_accepted: int
-    # The correction (at the first rejection) or bonus (after a full block); None when a
-    # fully accepted block defers its bonus to a pipelined continuation frame.
+    # The accepted draft tokens' indices, root to leaf (for a chain: 0 .. num_accepted - 1).
+    path: tuple[int, ...]
+    # The correction (where the path stops) or bonus (after the tip); None when a fully
+    # accepted block defers its bonus to a pipelined continuation frame.
     next_token: int | None
-    # Per draft token: would standard verification accept it (the SPRINTER label)?
+    # Per draft token: would standard verification accept it (the SPRINTER label)? For a
+    # tree: judged by its parent's row alone, as if it were the only child.
     labels: tuple[bool, ...]
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.path)
 
 
 def verify_greedy(
-    target_argmax: Sequence[int] | np.ndarray, draft_ids: tuple[int, ...], defer_bonus: bool = False
+    target_argmax: Sequence[int] | np.ndarray,
+    draft_ids: tuple[int, ...],
+    defer_bonus: bool = False,
+    parents: tuple[int, ...] = (),
 ) -> Judgement:
-    """Greedy verification: accept the longest prefix that equals the target's argmax.
+    """Greedy verification: accept the longest path whose tokens equal the target's argmax.
 
-    ``target_argmax``: [k + 1] argmax of the target at each draft position and one past it.
+    ``target_argmax``: [k + 1] argmax of each row (see :class:`DraftTree`; for a chain, at
+    each draft position and one past it). ``parents``: the tree (empty = a chain). Among
+    siblings the first that matches is followed.
     """
-    k = len(draft_ids)
-    labels = tuple(bool(target_argmax[i] == draft_ids[i]) for i in range(k))
-    num_accepted = labels.index(False) if False in labels else k
-    if num_accepted == k and defer_bonus:
-        return Judgement(num_accepted, None, labels)
-    return Judgement(num_accepted, int(target_argmax[num_accepted]), labels)
+    tree = DraftTree.of(parents, len(draft_ids))
+    labels = tuple(bool(target_argmax[row] == token) for row, token in zip(tree.rows(), draft_ids, strict=True))
+    children = tree.children()
+    path: list[int] = []
+    node = -1
+    while (match := next((c for c in children[node + 1] if labels[c]), None)) is not None:
+        path.append(match)
+        node = match
+    if defer_bonus and tree.reaches_tip(tuple(path)):
+        return Judgement(tuple(path), None, labels)
+    return Judgement(tuple(path), int(target_argmax[node + 1]), labels)
 
 
 def verify_sampling(
@@ -167,25 +261,89 @@ def verify_sampling(
     draft_dists: tuple[SparseDist, ...],
     rng: np.random.Generator,
     defer_bonus: bool = False,
+    parents: tuple[int, ...] = (),
 ) -> Judgement:
-    """Rejection-sampling verification (arXiv:2211.17192, Algorithm 1).
+    """Rejection-sampling verification (arXiv:2211.17192, Algorithm 1), over siblings for trees.
 
-    ``target_probs``: [k + 1, vocab] processed target distributions p at each draft position
-    and one past it. ``draft_dists``: the drafter's exact truncated q per draft token.
-    Every draft token gets its own uniform draw, so labels exist past the first rejection
-    and the number of draws per block is fixed (reproducible).
+    ``target_probs``: [k + 1, vocab] processed target distributions p per row (see
+    :class:`DraftTree`; for a chain, at each draft position and one past it). ``draft_dists``:
+    the drafter's exact truncated q per draft token. Every draft token gets its own uniform
+    draw, so labels exist past the first rejection and the number of draws per block is
+    fixed (reproducible). The walk itself is :func:`walk_tree`.
     """
-    k = len(draft_ids)
-    uniforms = rng.random(k)
-    p_draft = [float(target_probs[i, token]) for i, token in enumerate(draft_ids)]
+    tree = DraftTree.of(parents, len(draft_ids))
+    uniforms = rng.random(len(draft_ids))
+    p_draft = [float(target_probs[row, token]) for row, token in zip(tree.rows(), draft_ids, strict=True)]
     labels = accept_drafts(p_draft, draft_ids, draft_dists, uniforms)
-    num_accepted = labels.index(False) if False in labels else k
-    if num_accepted == k:
-        if defer_bonus:
-            return Judgement(k, None, labels)
-        return Judgement(k, sample_dense(target_probs[k], rng), labels)
-    residual = residual_distribution(target_probs[num_accepted], draft_dists[num_accepted])
-    return Judgement(num_accepted, sample_dense(residual, rng), labels)
+    return walk_tree(
+        tree,
+        draft_ids,
+        draft_dists,
+        labels,
+        uniforms,
+        TreeOps(
+            row=lambda row: target_probs[row],
+            prob=lambda p, token: float(p[token]),
+            residual=residual_distribution,
+            sample=lambda p: sample_dense(p, rng),
+        ),
+        defer_bonus,
+    )
+
+
+@dataclass(frozen=True)
+class TreeOps(Generic[Dist]):
+    """What :func:`walk_tree` needs of the target's distributions, wherever they live (numpy, torch)."""
+
+    row: Callable[[int], Dist]  # the processed p of a row
+    prob: Callable[[Dist, int], float]  # p(token)
+    residual: Callable[[Dist, SparseDist], Dist]  # norm(max(p - q, 0))
+    sample: Callable[[Dist], int]  # one draw (from the verifier's seeded stream)
+
+
+def walk_tree(
+    tree: DraftTree,
+    draft_ids: tuple[int, ...],
+    draft_dists: tuple[SparseDist, ...],
+    labels: tuple[bool, ...],
+    uniforms: np.ndarray,
+    ops: TreeOps[Dist],
+    defer_bonus: bool,
+) -> Judgement:
+    """Recursive rejection sampling down a draft tree (SpecInfer arXiv:2305.09781, EAGLE arXiv:2401.15077).
+
+    At each accepted node (the context first), its children are tried in order: child ``x``
+    with q ``q_x`` is accepted when ``u_x < min(1, p(x) / q_x(x))``; else ``p <- norm(max(p - q_x, 0))``
+    and the next sibling is tried against that residual. When every child is refused, the
+    next token is drawn from the last residual; after a leaf, the bonus from the leaf's row.
+    Lossless when each child was drawn from its q given the siblings before it (the edge sends
+    that q: e.g. a point mass for a deterministic top-k child); for a chain this is exactly
+    the one-draft rule. The first child's test is its label (p is not yet reduced there).
+    """
+    children = tree.children()
+    path: list[int] = []
+    node = -1
+    p = ops.row(0)
+    while True:
+        accepted = None
+        for order, child in enumerate(children[node + 1]):
+            if order == 0:
+                ok = labels[child]
+            else:
+                q_child = draft_dists[child].prob_of(draft_ids[child])
+                ok = q_child > 0 and uniforms[child] < min(1.0, ops.prob(p, draft_ids[child]) / q_child)
+            if ok:
+                accepted = child
+                break
+            p = ops.residual(p, draft_dists[child])
+        if accepted is None:
+            break
+        path.append(accepted)
+        node = accepted
+        p = ops.row(node + 1)
+    if defer_bonus and tree.reaches_tip(tuple(path)):
+        return Judgement(tuple(path), None, labels)
+    return Judgement(tuple(path), ops.sample(p), labels)
 
 
 def accept_drafts(

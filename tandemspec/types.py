@@ -16,6 +16,11 @@ rejected
 correction
     The token the target puts at the first rejection (argmax for greedy, a sample from the
     residual max(0, p - q) for sampling).
+tree
+    Draft tokens with parents (``DraftFrame.parents``): several candidate continuations
+    verified in one target pass; the verdict names the accepted path. A chain is the tree
+    whose parents are ``-1, 0, 1, ...``. A tree's *tip* is its last token; *fully accepted*
+    means the accepted path reached it (for a chain: every draft token accepted).
 bonus
     The extra target token after a fully accepted block. A frame sent with
     ``expects_continuation`` defers its bonus: the pipelined next frame continues instead.
@@ -141,7 +146,8 @@ class DraftFrame:
     draft_dists: tuple[SparseDist, ...] = ()
     # Pipelining: a fully accepted block gets no bonus; the next frame continues it.
     expects_continuation: bool = False
-    # Reserved for tree drafts: parent index of each draft token (-1 = after the context).
+    # Tree drafts: the parent of each draft token, an index into ``draft_ids`` that is lower
+    # than its own (-1 = after the committed tokens); empty = a chain.
     parents: tuple[int, ...] = ()
 
     @property
@@ -163,11 +169,21 @@ class Verdict:
     target_top_k: tuple[SparseDist, ...] = ()  # per labelled position, when asked
     compute_ms: float = 0.0
     stale: bool = False
+    # Tree frames: the accepted draft tokens' indices, root to leaf; empty when they are the
+    # first ``num_accepted`` tokens (always so for a chain).
+    accepted_nodes: tuple[int, ...] = ()
+
+    @property
+    def accepted_path(self) -> tuple[int, ...]:
+        """Indices of the accepted draft tokens, root to leaf."""
+        return self.accepted_nodes or tuple(range(self.num_accepted))
 
     @property
     def fully_accepted(self) -> bool:
-        """Every draft token of the frame was accepted."""
-        return not self.stale and self.num_accepted == len(self.labels) - self.num_committed
+        """The accepted path reached the frame's tip, its last draft token (a chain: all of them)."""
+        num_draft = len(self.labels) - self.num_committed
+        path = self.accepted_path
+        return not self.stale and (num_draft == 0 or (bool(path) and path[-1] == num_draft - 1))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from tandemspec.bench.prompts import PROMPTS_FILE, load_prompts
 from tandemspec.bench.report import machine_info, package_versions, write_json, write_markdown, write_plots
 from tandemspec.bench.runner import (
     BASELINE_MODE,
+    CHAIN_FAMILY,
+    TREE_FAMILY,
     BenchConfig,
     ModePlan,
     Progress,
@@ -72,6 +74,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if sizes.num_prompts is not None:
         prompts = prompts[: sizes.num_prompts]
     modes = parse_list(args.modes, str) if args.modes else BenchConfig.modes
+    chain_lengths = parse_list(args.chain_lengths, int) if args.chain_lengths else ()
+    tree_budgets = parse_list(args.tree_budget, int) if args.tree_budget else ()
+    # Sizes given for a family run it, whether or not --modes names it.
+    modes += tuple(
+        f for f, sizes in ((CHAIN_FAMILY, chain_lengths), (TREE_FAMILY, tree_budgets)) if sizes and f not in modes
+    )
     return BenchConfig(
         target_dir=target,
         drafter_dir=drafter,
@@ -85,6 +93,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         gate_kinds=parse_list(args.gate_kinds, str) if args.gate_kinds else BenchConfig.gate_kinds,
         gate_qualities=parse_list(args.gate_qualities, float) if args.gate_qualities else sizes.gate_qualities,
         gate_check_every=BenchConfig.gate_check_every if args.gate_check_every is None else args.gate_check_every,
+        draft_length=args.draft_length or BenchConfig.draft_length,
+        chain_lengths=chain_lengths,
+        tree_budgets=tree_budgets,
     )
 
 

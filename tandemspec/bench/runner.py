@@ -2,8 +2,9 @@
 
 For each link setting (round-trip delay) the runner walks the prompts once; for each
 prompt it runs every mode in turn (``cloud``, ``local``, ``lossless-sync``, ``lossless``,
-then one ``gated-KIND@Q`` mode per gate kind and quality floor), so slow drift of a shared
-machine hits all modes alike. Each run records the generated
+then one ``gated-KIND@Q`` mode per gate kind and quality floor, one ``lossless-sync-kN``
+chain per extra draft length, ``lossless-sync-treeN`` and ``lossless-treeN`` per tree
+budget), so slow drift of a shared machine hits all modes alike. Each run records the generated
 ids, the decoder's statistics, the verifier's pass counts and when each token reached the
 app (``on_tokens``). The load test then runs N edges at once against the one verifier.
 Scoring and figures live in :mod:`tandemspec.bench.scoring` and :mod:`tandemspec.bench.figures`.
@@ -45,6 +46,8 @@ class BenchMode:
     decode_mode: DecodeMode
     pipeline: bool = True
     gate: GateChoice | None = None  # gated operating points: the score and its quality floor
+    draft_length: int | None = None  # chains: None = the bench's draft length
+    tree_budget: int = 0  # draft trees of this many tokens per frame (0 = chains)
 
 
 # The registry of fixed modes, in the interleaving order.
@@ -54,9 +57,12 @@ MODES: tuple[BenchMode, ...] = (
     BenchMode("lossless-sync", "lossless", pipeline=False),
     BenchMode("lossless", "lossless", pipeline=True),
 )
-# A family, not a mode: one bench mode per (gate kind, quality floor), see gated_modes.
+# Families, not modes: one bench mode per (gate kind, quality floor), see gated_modes; per
+# extra chain draft length, see chain_modes; per tree budget, see tree_modes.
 GATED_FAMILY = "gated"
-MODE_NAMES: tuple[str, ...] = (*(m.name for m in MODES), GATED_FAMILY)
+CHAIN_FAMILY = "chain"
+TREE_FAMILY = "tree"
+MODE_NAMES: tuple[str, ...] = (*(m.name for m in MODES), GATED_FAMILY, CHAIN_FAMILY, TREE_FAMILY)
 BASELINE_MODE = "cloud"
 DRAFTER_MODE = "local"
 
@@ -83,6 +89,23 @@ def gated_modes(kinds: Sequence[GateKind], qualities: Sequence[float]) -> tuple[
     )
 
 
+def chain_modes(lengths: Sequence[int]) -> tuple[BenchMode, ...]:
+    """``lossless-sync-kN``: synchronous lossless chains of N draft tokens (the comparison for trees)."""
+    return tuple(
+        BenchMode(f"lossless-sync-k{n}", "lossless", pipeline=False, draft_length=n) for n in dict.fromkeys(lengths)
+    )
+
+
+def tree_modes(budgets: Sequence[int]) -> tuple[BenchMode, ...]:
+    """Per budget N, lossless decoding with draft trees of N tokens per frame: ``lossless-sync-treeN``
+    (each frame waits for the verdict before it) and ``lossless-treeN`` (pipelined, as ``lossless``)."""
+    return tuple(
+        BenchMode(f"lossless{'' if pipeline else '-sync'}-tree{n}", "lossless", pipeline=pipeline, tree_budget=n)
+        for n in dict.fromkeys(budgets)
+        for pipeline in (False, True)
+    )
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to run: the pair, prompts, link settings, loads and sizes."""
@@ -104,6 +127,8 @@ class BenchConfig:
     # quality floors: the share of would-be-rejected tokens each point must catch on held-out logs
     gate_qualities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
     gate_check_every: int = 16  # gated: verify at least every N tokens (0 = only doubted ones)
+    chain_lengths: tuple[int, ...] = ()  # the chain family: one synchronous chain per draft length
+    tree_budgets: tuple[int, ...] = ()  # the tree family: one tree mode per budget
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -125,6 +150,11 @@ class BenchConfig:
             raise ValueError("gated mode needs at least one gate kind and one quality floor")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
+        for family, sizes in ((CHAIN_FAMILY, self.chain_lengths), (TREE_FAMILY, self.tree_budgets)):
+            if family in self.modes and not sizes:
+                raise ValueError(f"the {family} modes need at least one size (--chain-lengths / --tree-budget)")
+            if any(n < 1 for n in sizes):
+                raise ValueError(f"{family} sizes must be >= 1, got {sizes}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +188,12 @@ def plan_modes(config: BenchConfig, gate_path: Path | None) -> ModePlan:
     points: list[GatedPoint] = []
     skipped: dict[str, str] = {}
     for name in config.modes:
+        if name == CHAIN_FAMILY:
+            modes.extend(chain_modes(config.chain_lengths))
+            continue
+        if name == TREE_FAMILY:
+            modes.extend(tree_modes(config.tree_budgets))
+            continue
         if name != GATED_FAMILY:
             modes.append(find_mode(name))
             continue
@@ -262,8 +298,9 @@ def build_edge(
     for mode in modes:
         decoder_config = DecoderConfig(
             mode=mode.decode_mode,
-            draft_length=config.draft_length,
+            draft_length=mode.draft_length or config.draft_length,
             pipeline=mode.pipeline,
+            tree_budget=mode.tree_budget,
             gate_check_every=config.gate_check_every,
         )
         gate = gates.get(mode.name)

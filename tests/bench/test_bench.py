@@ -24,6 +24,7 @@ MODES = ("cloud", "local", "lossless-sync", "lossless")
 GATE_KINDS = ("learned", "entropy", "top1")
 GATE_QUALITIES = (0.5, 0.9)
 GATED = tuple(gated_mode_name(kind, q) for kind in GATE_KINDS for q in GATE_QUALITIES)
+SIZED = ("lossless-sync-k2", "lossless-sync-tree6", "lossless-tree6")  # the chain and tree families' modes
 PROMPTS = ("def add(a, b):\n    return", "import os\n\n\ndef main():\n")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_DRAFTER = ("llama", 1, 0.05)  # what tiny_bundle_dir("llama") exports (seed 1, DRAFTER_NOISE)
@@ -98,7 +99,8 @@ def bench_out(
     from tandemspec.bench.commands import run_bench
 
     torch.set_num_threads(1)
-    config = tiny_config(gated_bundle, tiny_model_dir)
+    modes = (*BenchConfig.modes, "chain", "tree")
+    config = tiny_config(gated_bundle, tiny_model_dir, modes=modes, chain_lengths=(2,), tree_budgets=(6,))
     out = tmp_path_factory.mktemp("bench")
     lines: list[str] = []
     results = run_bench(config, out, "tandem bench (test)", progress=lines.append)
@@ -121,8 +123,8 @@ def test_outputs_exist_and_json_round_trips(bench_out: tuple[Path, dict[str, Any
 
 def test_every_mode_has_every_figure(bench_out: tuple[Path, dict[str, Any]]) -> None:
     _, results = bench_out
-    assert set(results["figures"]) == {*MODES, *GATED}
-    for mode in (*MODES, *GATED):
+    assert set(results["figures"]) == {*MODES, *GATED, *SIZED}
+    for mode in (*MODES, *GATED, *SIZED):
         row = results["figures"][mode]["5"]
         assert set(row) == set(FIGURE_NAMES)
         assert row["num_prompts"] == 2 and row["num_tokens"] > 0
@@ -180,6 +182,35 @@ def test_lossless_matches_cloud_and_quality_is_defined_by_its_ends(
     assert accepted >= 1.0
     # A verified round commits at most draft_length + 1 tokens, so passes/token >= 1/(that).
     assert figures["lossless-sync"]["target_passes_per_token"] >= 1 / 5 - 1e-9
+
+
+def test_chain_and_tree_modes_are_lossless(bench_out: tuple[Path, dict[str, Any]]) -> None:
+    _, results = bench_out
+    for mode, most in (("lossless-sync-k2", 3), ("lossless-sync-tree6", 7), ("lossless-tree6", 7)):
+        row = results["figures"][mode]["5"]
+        assert row["exact_match_rate"] == 1.0, mode
+        # The edge's pass count is the verifier's (one prefill per prompt), and a round commits
+        # at most its deepest path + the bonus (a chain of 2: 3 tokens; a tree of 6 at most 7).
+        passes = round(row["target_passes_per_token"] * row["num_tokens"])
+        assert round(row["server_passes_per_token"] * row["num_tokens"]) == passes + row["num_prompts"], mode
+        assert 1.0 <= row["mean_accepted_length"] <= most, mode
+
+
+def test_tree_and_chain_flags_reach_the_config() -> None:
+    args = build_parser().parse_args(["bench", "--out", "x", "--tree-budget", "8,16", "--chain-lengths", "6"])
+    config = config_from_args(args)
+    assert config.tree_budgets == (8, 16) and config.chain_lengths == (6,)
+    assert {"tree", "chain"} <= set(config.modes)
+    names = [m.name for m in plan_modes(config, None).modes]
+    assert names[-5:] == [
+        "lossless-sync-k6",
+        "lossless-sync-tree8",
+        "lossless-tree8",
+        "lossless-sync-tree16",
+        "lossless-tree16",
+    ]
+    with pytest.raises(ValueError, match="tree modes need"):
+        BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, modes=("tree",))
 
 
 def _target_greedy_nll(target_dir: Path, bundle_dir: Path, max_new_tokens: int) -> float:

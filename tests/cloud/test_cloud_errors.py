@@ -92,7 +92,10 @@ def _cases(fp: str) -> dict[str, tuple[list[bytes], grpc.StatusCode]]:
             invalid,
         ),
         "draft token outside its q": ([sampling_open, _frame(draft_ids=(7,), draft_dists=(Q,))], invalid),
-        "tree parents": ([_open(fp), _frame(parents=(-1, -1))], grpc.StatusCode.UNIMPLEMENTED),
+        "parent after its child": ([_open(fp), _frame(parents=(-1, 1))], invalid),
+        "parent is the token itself": ([_open(fp), _frame(draft_ids=(5, 6, 7), parents=(-1, 0, 2))], invalid),
+        "parent below -1": ([_open(fp), _frame(parents=(-1, -2))], invalid),
+        "parents of the wrong count": ([_open(fp), _frame(parents=(-1,))], invalid),
         # The request's own length: OUT_OF_RANGE, never RESOURCE_EXHAUSTED (which reads as "busy").
         "context overflow": ([_open(fp, prompt_ids=(5,) * 60), _frame(position=60, draft_ids=(5,) * 8)], out_of_range),
         "prompt leaves no room for a frame": ([_open(fp, prompt_ids=(5,) * 63)], out_of_range),

@@ -83,6 +83,10 @@ CLOUD_MESSAGES = [
         compute_ms=0.25,
     ),
     Verdict(seq=4, epoch=2, committed_length=21, stale=True),
+    # A tree's accepted path that is not the frame's first tokens.
+    Verdict(
+        seq=5, epoch=2, committed_length=24, num_accepted=2, next_token=7, labels=(True,) * 4, accepted_nodes=(1, 3)
+    ),
     GeneratedTokens(ids=(4, 5), compute_ms=2.0),
     SessionDone(reason="max_new_tokens", num_generated=64),
 ]
