@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from tandemspec.federated.fed.config import FedConfig
-from tandemspec.federated.fed.evaluate import EvalSums, evaluate_bundle
+from tandemspec.federated.fed.evaluate import EvalSums, evaluate_bundle, target_scorer
 from tandemspec.federated.fed.fleet import read_fleet, read_heldout
 from tandemspec.federated.fed.publish import discard, stage_version
 from tandemspec.federated.fed.server_app import RoundLog, fleet_metrics, initial_arrays, write_history
@@ -59,6 +59,7 @@ def run_central(config: FedConfig) -> list[RoundLog]:
     model = from_arrays(initial_arrays(config))  # nothing is published under OUT: the pair's models
     pair = config.resolved_pair()
     history: list[RoundLog] = []
+    scorer = target_scorer(pair / "target") if config.evaluation.score_nll else None
     server = serve_in_thread(CloudConfig(model_dir=pair / "target", host="127.0.0.1", port=0))
     try:
         for round_number in range(config.num_rounds + 1):
@@ -81,9 +82,8 @@ def run_central(config: FedConfig) -> list[RoundLog]:
             for device in devices:
                 threshold = thresholds.get(device.cluster, thresholds[""])
                 prompts = read_heldout(config.fleet_dir, device)
-                rows.append(
-                    (device.cluster, evaluate_bundle(staged, server.address, prompts, threshold, config.evaluation))
-                )
+                sums = evaluate_bundle(staged, server.address, prompts, threshold, config.evaluation, scorer)
+                rows.append((device.cluster, sums))
             discard(staged)
             overall, by_cluster = fleet_metrics(rows)
             history.append(

@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 
 from tandemspec.bench.prompts import load_prompts
 from tandemspec.federated.fed.config import FedConfig
-from tandemspec.federated.fed.evaluate import evaluate_bundle
+from tandemspec.federated.fed.evaluate import evaluate_bundle, target_scorer
 from tandemspec.federated.fed.fleet import read_fleet
 from tandemspec.federated.fed.tasks import cost_curve, distill_local, read_local, train_gate_local
 from tandemspec.federated.fed.weights import GlobalModel, from_arrays, to_arrays
@@ -150,14 +150,16 @@ def evaluate_reply(message: Message, context: Context, config: FedConfig) -> Mes
     assert isinstance(settings, ConfigRecord)
     thresholds = json.loads(str(settings.get("thresholds", "{}")))
     threshold = thresholds.get(device.cluster, thresholds.get("", None))
+    scorer = target_scorer(config.resolved_pair() / "target") if config.evaluation.score_nll else None
     sums = evaluate_bundle(
         Path(str(settings["bundle-dir"])),
         str(settings["cloud"]),
         load_prompts(device.heldout_path),
         None if threshold is None else float(threshold),
         config.evaluation,
+        scorer,
     )
-    metrics = MetricRecord({"num-examples": sums.num_prompts, **{k: int(v) for k, v in sums.__dict__.items()}})
+    metrics = MetricRecord({"num-examples": sums.num_prompts, **dataclasses.asdict(sums)})
     metrics["threshold"] = float(np.nan if threshold is None else threshold)
     return Message(content=RecordDict({"metrics": metrics, "device": _device_record(device)}), reply_to=message)
 

@@ -284,7 +284,12 @@ def _sum_curves(replies: Iterable[Message]) -> dict[str, CostCurve]:
 
 def _sums(message: Message) -> EvalSums:
     metrics = message.content["metrics"]
-    return EvalSums(**{f.name: int(_scalar(metrics, f.name)) for f in dataclasses.fields(EvalSums)})
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(EvalSums):
+        if f.name in metrics:
+            value = _scalar(metrics, f.name)
+            values[f.name] = value if f.name.startswith("nll_") else int(value)
+    return EvalSums(**values)
 
 
 def fleet_metrics(rows: Iterable[tuple[str, EvalSums]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

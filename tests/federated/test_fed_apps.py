@@ -166,6 +166,28 @@ def test_client_handlers_on_messages(fleet: Path, fed_pair: Path, tmp_path: Path
     assert evaluation["num_prompts"] == 2 and evaluation["lossless_tokens"] == 2 * 12
     assert evaluation["gated_tokens"] == 2 * 12 and evaluation["threshold"] == 0.5
     assert 1 <= evaluation["lossless_committed"] / evaluation["lossless_rounds"] <= 5  # k = 4 plus the bonus
+    # scored by the pair's target (the drafter alone may stop early at its end-of-text token)
+    assert 0 < evaluation["local_tokens"] <= 2 * 12
+    assert all(np.isfinite(evaluation[k]) and evaluation[k] > 0 for k in ("nll_lossless", "nll_gated", "nll_local"))
+
+
+def test_sweep_compares_bundles_at_equal_measured_quality(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
+    """``fed sweep``: trusting nothing reproduces the target (match 1, quality recovered 1) at the most passes."""
+    from tandemspec.cli import main
+
+    out = tmp_path / "sweep"
+    args = ["fed", "sweep", "--fleet", str(fleet), "--bundle", f"start={fed_pair / 'edge'}", "--thresholds",
+            "0,0.5,1", "--match-floor", "0.999", "--pair", str(fed_pair), "--out", str(out),
+            "--max-new-tokens", "12"]  # fmt: skip
+    assert main(args) == 0
+    points = json.loads((out / "sweep.json").read_text())["bundles"]["start"]
+    trust_all, doubt_all = points["0.0000"], points["1.0000"]
+    assert doubt_all["gated-match"] == 1.0 and doubt_all["quality-recovered"] == pytest.approx(1.0)
+    assert trust_all["gated-passes-per-token"] < doubt_all["gated-passes-per-token"]
+    assert trust_all["accepted-length"] == doubt_all["accepted-length"]  # one lossless decoding per bundle
+    assert "1.00 (cheapest at the floor)" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 0
+    assert main([*args[:7], "0.5,x", *args[8:]]) == 2  # a malformed grid is refused, not a traceback
 
 
 def test_published_versions_chain_and_stay_lossless(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
