@@ -152,6 +152,9 @@ def _fed_central_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where history.json and rounds.md go")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of pooled training after round 0")
     parser.add_argument("--pair", type=Path, help="folder with target/, drafter/ and edge/ (default: reference)")
+    parser.add_argument(
+        "--schedule", choices=["cosine", "constant"], default="cosine", help="learning rates by round (default cosine)"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config values")
 
 
