@@ -142,7 +142,9 @@ class GuardedFedAvg(FedAvg):
         if server_round > 0 and self._round.num_updates == 0:
             return []  # nothing new to evaluate: the global model stays
         model = from_arrays(arrays)
-        gate_only = ArrayRecord({k: v for k, v in arrays.items() if k.startswith(GATE_PREFIX)})
+        # the curve needs the candidate drafter only when devices recompute their features with it
+        refresh = self.config.local.refresh_features
+        gate_only = arrays if refresh else ArrayRecord({k: v for k, v in arrays.items() if k.startswith(GATE_PREFIX)})
         node_ids = list(grid.get_node_ids())
         queries = [
             Message(RecordDict({"arrays": gate_only, "config": ConfigRecord({"server-round": server_round})}),

@@ -171,6 +171,44 @@ def test_client_handlers_on_messages(fleet: Path, fed_pair: Path, tmp_path: Path
     assert all(np.isfinite(evaluation[k]) and evaluation[k] > 0 for k in ("nll_lossless", "nll_gated", "nll_local"))
 
 
+def test_refreshed_features_follow_the_drafter(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
+    """The logging drafter reproduces the logged features; a distilled one moves them; the apps use them."""
+    from safetensors.numpy import load_file
+
+    from tandemspec.federated.fed.server_app import initial_arrays
+    from tandemspec.federated.fed.tasks import read_local, refresh_features
+
+    device = read_fleet(fleet)[0]
+    data = read_local(device.log_path(fleet))
+    state = load_file(str(fed_pair / "drafter" / "model.safetensors"))
+    same = refresh_features(device.log_path(fleet), fed_pair / "drafter", state, data)
+    assert same.features.shape == data.features.shape and np.array_equal(same.labels, data.labels)
+    np.testing.assert_allclose(same.features, data.features, atol=1e-3)  # ONNX Runtime vs eager torch
+    moved = {k: v * 1.5 if v.ndim == 2 else v for k, v in state.items()}
+    assert np.abs(refresh_features(device.log_path(fleet), fed_pair / "drafter", moved, data).features
+                  - data.features).max() > 1e-2  # fmt: skip
+
+    config = _config(fleet, fed_pair, tmp_path / "out")
+    config = replace(config, local=replace(config.local, refresh_features=True))
+    arrays = initial_arrays(config)
+    train = train_reply(
+        _message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "train"),
+        _context(config, 0),
+        config,
+    ).content["metrics"]
+    assert train["gate-loss-after"] < train["gate-loss-before"]
+    curve = curve_reply(
+        _message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "evaluate.curve"),
+        _context(config, 0),
+        config,
+    ).content["metrics"]
+    assert curve["num-examples"] == len(data.labels)
+    gate_only = type(arrays)({k: v for k, v in arrays.items() if k.startswith("gate.")})
+    with pytest.raises(ValueError, match="no drafter weights"):
+        curve_reply(_message(RecordDict({"arrays": gate_only, "config": ConfigRecord({"server-round": 1})}),
+                             "evaluate.curve"), _context(config, 0), config)  # fmt: skip
+
+
 def test_sweep_compares_bundles_at_equal_measured_quality(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
     """``fed sweep``: trusting nothing reproduces the target (match 1, quality recovered 1) at the most passes."""
     from tandemspec.cli import main
