@@ -84,6 +84,16 @@ def plot_sweep(results: dict[str, dict[float, dict[str, float]]], path: Path, fl
     plt.close(fig)
 
 
+def write_sweep(out: Path, results: dict[str, dict[float, dict[str, float]]], floor: float | None) -> None:
+    """``sweep.json`` and ``sweep.md`` of the bundles swept so far."""
+    document: dict[str, Any] = {
+        "match_floor": floor,
+        "bundles": {label: {f"{t:.4f}": m for t, m in points.items()} for label, points in results.items()},
+    }
+    (out / SWEEP_NAME).write_text(json.dumps(document, indent=2) + "\n")
+    (out / "sweep.md").write_text(sweep_table(results, floor))
+
+
 def sweep_main(args: argparse.Namespace) -> int:
     """``tandem fed sweep``."""
     from tandemspec.cloud.config import CloudConfig
@@ -105,22 +115,16 @@ def sweep_main(args: argparse.Namespace) -> int:
         label, sep, folder = item.partition("=")
         bundles.append((label, Path(folder)) if sep else (Path(item).name, Path(item)))
     results: dict[str, dict[float, dict[str, float]]] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
     server = serve_in_thread(CloudConfig(model_dir=pair / "target", host="127.0.0.1", port=0))
     try:
         for label, bundle in bundles:
             results[label] = sweep_bundle(bundle, args.fleet, server.address, thresholds, config, pair / "target")
+            write_sweep(args.out, results, args.match_floor)  # after every bundle: a long sweep keeps what it did
             print(f"{label}: done", flush=True)
     finally:
         server.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {
-        "match_floor": args.match_floor,
-        "bundles": {label: {f"{t:.4f}": m for t, m in points.items()} for label, points in results.items()},
-    }
-    (args.out / SWEEP_NAME).write_text(json.dumps(document, indent=2) + "\n")
-    table = sweep_table(results, args.match_floor)
-    (args.out / "sweep.md").write_text(table)
-    print(table, end="")
+    print(sweep_table(results, args.match_floor), end="")
     with contextlib.suppress(ImportError):  # matplotlib comes with the bench extra
         plot_sweep(results, args.out / "sweep.png", args.match_floor)
     return 0
