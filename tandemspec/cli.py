@@ -168,6 +168,9 @@ def _fed_central_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where history.json and rounds.md go")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of pooled training after round 0")
     parser.add_argument("--pair", type=Path, help="folder with target/, drafter/ and edge/ (default: reference)")
+    parser.add_argument(
+        "--schedule", choices=["cosine", "constant"], default="cosine", help="learning rates by round (default cosine)"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config values")
 
 
@@ -178,6 +181,18 @@ def _fed_fleet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", type=int, default=8, help="held-out prompts kept per device")
     parser.add_argument("--pair", type=Path, help="folder with target/ and edge/ (default: reference)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _fed_sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fleet", type=Path, required=True, help="fleet folder from `tandem fed fleet`")
+    parser.add_argument(
+        "--bundle", action="append", required=True, metavar="[LABEL=]DIR", help="a published version (repeatable)"
+    )
+    parser.add_argument("--thresholds", required=True, help="comma-separated gate thresholds, e.g. 0.76,0.80,0.84")
+    parser.add_argument("--match-floor", type=float, help="mark the cheapest threshold whose gated match reaches it")
+    parser.add_argument("--out", type=Path, required=True, help="where sweep.json, sweep.md and sweep.png go")
+    parser.add_argument("--pair", type=Path, help="folder with target/ (default: reference)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:
@@ -347,6 +362,12 @@ VERBS: tuple[Verb, ...] = (
         "the centralised upper bound: the same training on the fleet's pooled logs",
         _fed_central_args,
         "tandemspec.federated.fed.centralised:central_main",
+    ),
+    Verb(
+        ("fed", "sweep"),
+        "gated cost against measured quality over a grid of thresholds, per published bundle",
+        _fed_sweep_args,
+        "tandemspec.federated.fed.sweep:sweep_main",
     ),
     Verb(
         ("fed", "fleet"),

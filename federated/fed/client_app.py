@@ -9,7 +9,9 @@ Messages it answers (content keys: ``arrays`` the global model, ``config`` the r
     and ``device`` (its cluster).
 ``evaluate.curve``
     The candidate gate's smoothed cost curve on the device's labelled tokens (FedHLM), as
-    sums per threshold of :data:`~tandemspec.federated.fed.tasks.THRESHOLD_GRID`.
+    sums per threshold of :data:`~tandemspec.federated.fed.tasks.THRESHOLD_GRID` (with
+    ``local-refresh-features`` on features the candidate drafter recomputes, so the
+    message then carries the drafter too).
 ``evaluate``
     Decode the held-out prompts through the verifier at ``config["cloud"]`` with the bundle
     at ``config["bundle-dir"]`` (lossless, then gated at the device's cluster threshold).
@@ -32,9 +34,15 @@ from flwr.clientapp import ClientApp
 
 from tandemspec.bench.prompts import load_prompts
 from tandemspec.federated.fed.config import FedConfig
-from tandemspec.federated.fed.evaluate import evaluate_bundle
+from tandemspec.federated.fed.evaluate import evaluate_bundle, target_scorer
 from tandemspec.federated.fed.fleet import read_fleet
-from tandemspec.federated.fed.tasks import cost_curve, distill_local, read_local, train_gate_local
+from tandemspec.federated.fed.tasks import (
+    cost_curve,
+    distill_local,
+    read_local,
+    refresh_features,
+    train_gate_local,
+)
 from tandemspec.federated.fed.weights import GlobalModel, from_arrays, to_arrays
 from tandemspec.federated.gate import forward
 
@@ -104,10 +112,12 @@ def train_reply(message: Message, context: Context, config: FedConfig) -> Messag
     assert isinstance(arrays, ArrayRecord)
     model = from_arrays(arrays)
     data = read_local(device.log_path)
-    gate, gate_before, gate_after = train_gate_local(model.gate, data, seed_config)
-    drafter, distill_first, distill_last = distill_local(
-        config.resolved_pair() / "drafter", model.drafter, data, seed_config
-    )
+    drafter_dir = config.resolved_pair() / "drafter"
+    drafter, distill_first, distill_last = distill_local(drafter_dir, model.drafter, data, seed_config)
+    gate_data = data
+    if config.local.refresh_features:  # the features the edge will compute with this drafter
+        gate_data = refresh_features(device.log_path, drafter_dir, drafter, data, config.local.threads)
+    gate, gate_before, gate_after = train_gate_local(model.gate, gate_data, seed_config)
     metrics = MetricRecord(
         {
             "num-examples": data.num_tokens,
@@ -129,8 +139,15 @@ def curve_reply(message: Message, context: Context, config: FedConfig) -> Messag
     device = device_of(context, config)
     arrays = message.content["arrays"]
     assert isinstance(arrays, ArrayRecord)
-    gate = from_arrays(arrays).gate
+    candidate = from_arrays(arrays)
+    gate = candidate.gate
     data = read_local(device.log_path)
+    if config.local.refresh_features:
+        if not candidate.drafter:
+            raise ValueError("refresh-features: the curve message carries no drafter weights")
+        data = refresh_features(
+            device.log_path, config.resolved_pair() / "drafter", candidate.drafter, data, config.local.threads
+        )
     curve = cost_curve(forward(gate, data.features), data.labels, config.local.curve_temperature)
     metrics = MetricRecord(
         {
@@ -150,14 +167,16 @@ def evaluate_reply(message: Message, context: Context, config: FedConfig) -> Mes
     assert isinstance(settings, ConfigRecord)
     thresholds = json.loads(str(settings.get("thresholds", "{}")))
     threshold = thresholds.get(device.cluster, thresholds.get("", None))
+    scorer = target_scorer(config.resolved_pair() / "target") if config.evaluation.score_nll else None
     sums = evaluate_bundle(
         Path(str(settings["bundle-dir"])),
         str(settings["cloud"]),
         load_prompts(device.heldout_path),
         None if threshold is None else float(threshold),
         config.evaluation,
+        scorer,
     )
-    metrics = MetricRecord({"num-examples": sums.num_prompts, **{k: int(v) for k, v in sums.__dict__.items()}})
+    metrics = MetricRecord({"num-examples": sums.num_prompts, **dataclasses.asdict(sums)})
     metrics["threshold"] = float(np.nan if threshold is None else threshold)
     return Message(content=RecordDict({"metrics": metrics, "device": _device_record(device)}), reply_to=message)
 

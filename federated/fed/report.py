@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,15 @@ def rounds_table(history: Sequence[dict[str, Any]]) -> str:
     clusters = sorted({c for r in history for c in r.get("cluster_metrics", {})})
     head = ["round", "version", "published", "accepted length (k=4)"]
     head += [f"acc. len {c}" for c in clusters]
-    head += ["gated passes/token", "gated match", "thresholds", "KB down/client", "KB up/client", "wall s"]
+    head += ["gated passes/token", "gated match", "quality recovered", "thresholds"]
+    head += ["KB down/client", "KB up/client", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in history:
         m = r.get("metrics", {})
         row = [str(r["round"]), r.get("version") or "-", "yes" if r.get("accepted") else "no"]
         row.append(_cell(m.get("accepted-length")))
         row += [_cell(r.get("cluster_metrics", {}).get(c, {}).get("accepted-length")) for c in clusters]
-        row += [_cell(m.get("gated-passes-per-token")), _cell(m.get("gated-match"))]
+        row += [_cell(m.get("gated-passes-per-token")), _cell(m.get("gated-match")), _cell(m.get("quality-recovered"))]
         row.append(", ".join(f"{k or 'all'} {v:.2f}" for k, v in sorted(r.get("thresholds", {}).items())) or "-")
         row += [f"{r.get('bytes_down_per_client', 0) / 1e3:.0f}", f"{r.get('bytes_up_per_client', 0) / 1e3:.0f}"]
         row.append(f"{r.get('wall_s', 0.0):.0f}")
@@ -73,6 +74,73 @@ def plot_rounds(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+CURVES: tuple[tuple[str, str], ...] = (
+    ("accepted-length", "accepted length (lossless, k=4)"),
+    ("gated-passes-per-token", "gated target passes per token"),
+    ("gated-match", "gated match (share of target tokens)"),
+)
+
+
+def compare_table(runs: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """Markdown: per run and round the fleet's accepted length, gated cost, match and quality recovered."""
+    head = ["run", "round", "published", "accepted length", "gated passes/token", "gated match", "quality recovered"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, history in runs.items():
+        for r in history:
+            m = r.get("metrics", {})
+            row = [label, str(r["round"]), "yes" if r.get("accepted") else "no"]
+            row += [_cell(m.get(k)) for k in ("accepted-length", "gated-passes-per-token", "gated-match")]
+            row.append(_cell(m.get("quality-recovered")))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(runs: Mapping[str, Sequence[dict[str, Any]]], path: Path) -> None:
+    """One line per run in each of :data:`CURVES` by round (hollow markers: rounds the guard did not publish)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4))
+    for axis, (key, label) in zip(axes, CURVES, strict=True):
+        for run, history in runs.items():
+            rounds = [r["round"] for r in history]
+            values = [r.get("metrics", {}).get(key, math.nan) for r in history]
+            (line,) = axis.plot(rounds, values, "o-", label=run, markersize=4)
+            refused = [(x, v) for x, v, r in zip(rounds, values, history, strict=True) if not r.get("accepted")]
+            if refused:
+                axis.plot(*zip(*refused, strict=True), "o", mfc="white", color=line.get_color(), markersize=6)
+        axis.set(xlabel="round", ylabel=label)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tandemspec.federated.fed.report --run LABEL=OUT ... --plot PNG``: runs side by side."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="compare federated runs' histories: a Markdown table and a plot")
+    parser.add_argument("--run", action="append", required=True, metavar="LABEL=OUT", help="a run's --out folder")
+    parser.add_argument("--plot", type=Path, help="write the comparison plot here (PNG)")
+    args = parser.parse_args(argv)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for item in args.run:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            parser.error(f"--run takes LABEL=OUT, got {item!r}")
+        runs[label] = read_history(Path(folder))
+    print(compare_table(runs), end="")
+    if args.plot is not None:
+        plot_compare(runs, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def write_report(out_dir: Path, plot: bool = True) -> Path:
     """Write ``rounds.md`` (and ``rounds.png`` when matplotlib is installed); returns the table's path."""
     history = read_history(out_dir)
@@ -82,3 +150,7 @@ def write_report(out_dir: Path, plot: bool = True) -> Path:
         with contextlib.suppress(ImportError):  # matplotlib comes with the bench extra
             plot_rounds(history, Path(out_dir) / PLOT_NAME)
     return table
+
+
+if __name__ == "__main__":
+    raise SystemExit(compare_main())

@@ -142,7 +142,9 @@ class GuardedFedAvg(FedAvg):
         if server_round > 0 and self._round.num_updates == 0:
             return []  # nothing new to evaluate: the global model stays
         model = from_arrays(arrays)
-        gate_only = ArrayRecord({k: v for k, v in arrays.items() if k.startswith(GATE_PREFIX)})
+        # the curve needs the candidate drafter only when devices recompute their features with it
+        refresh = self.config.local.refresh_features
+        gate_only = arrays if refresh else ArrayRecord({k: v for k, v in arrays.items() if k.startswith(GATE_PREFIX)})
         node_ids = list(grid.get_node_ids())
         queries = [
             Message(RecordDict({"arrays": gate_only, "config": ConfigRecord({"server-round": server_round})}),
@@ -284,7 +286,12 @@ def _sum_curves(replies: Iterable[Message]) -> dict[str, CostCurve]:
 
 def _sums(message: Message) -> EvalSums:
     metrics = message.content["metrics"]
-    return EvalSums(**{f.name: int(_scalar(metrics, f.name)) for f in dataclasses.fields(EvalSums)})
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(EvalSums):
+        if f.name in metrics:
+            value = _scalar(metrics, f.name)
+            values[f.name] = value if f.name.startswith("nll_") else int(value)
+    return EvalSums(**values)
 
 
 def fleet_metrics(rows: Iterable[tuple[str, EvalSums]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

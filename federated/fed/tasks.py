@@ -8,6 +8,13 @@
   for checking (*checks*), as smoothed-step sums (a sigmoid of (p - t) / τ instead of the
   step, so the curve is continuous in t); the server adds them up and minimises
   missed + λ·checks, globally and per cluster.
+* Fresh features (``refresh_features``): the log's gate features were computed by the
+  drafter the device ran when it logged (round 0's); once distillation has moved the
+  drafter, the edge feeds the gate features of the new drafter. With the option on, a
+  device recomputes every logged token's features with the drafter the gate will ship
+  with (its logits and last hidden state on the logged context and drafted ids; the block
+  position as logged) before training the gate and before its cost curve; the labels stay
+  (the target's verdicts do not depend on the drafter).
 * Drafter: DistillSpec (arXiv:2310.08461) on-policy distillation: the logged drafts are the
   drafter's own, and the log holds the target's top-k at each drafted position; the loss is
   the forward KL from the target's top-k (renormalised) to the drafter, on full weights.
@@ -15,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +49,7 @@ class LocalTrainConfig:
     distill_batch: int = 8
     distill_lr: float = 3e-4
     curve_temperature: float = 0.02  # τ of the smoothed step
+    refresh_features: bool = False  # gate features recomputed with the drafter the gate ships with
     threads: int = 1
     seed: int = 0
 
@@ -92,6 +101,45 @@ def read_local(log_path: Path) -> LocalData:
                 )
             )
     return LocalData(features=features, labels=labels, examples=tuple(examples))
+
+
+def load_drafter(drafter_config_dir: Path, state: Mapping[str, np.ndarray]) -> Any:
+    """A torch drafter of the pair's architecture with ``state`` loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(drafter_config_dir))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    return model
+
+
+def refresh_features(
+    log_path: Path, drafter_config_dir: Path, state: Mapping[str, np.ndarray], data: LocalData, threads: int = 1
+) -> LocalData:
+    """``data`` with every logged token's gate features recomputed by the drafter ``state`` (rows with context)."""
+    import torch
+
+    from tandemspec.edge.features import SCALAR_FEATURES, token_features
+
+    torch.set_num_threads(threads)
+    model = load_drafter(drafter_config_dir, state).eval()
+    features: list[np.ndarray] = []
+    labels: list[bool] = []
+    with DeviceLog(log_path) as log, torch.no_grad():
+        for record in log.iter_rounds():
+            if record.context_ids is None or len(record.context_ids) < record.position or not record.tokens:
+                continue
+            context = list(record.context_ids[: record.position])
+            ids = context + [t.token_id for t in record.tokens]
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            at = torch.arange(len(context) - 1, len(ids) - 1)  # the logits at i predict token i + 1
+            position = SCALAR_FEATURES.index("position")
+            positions = np.array([t.features[position] for t in record.tokens], np.float32)  # as logged
+            features.append(token_features(out.logits[0, at].numpy(), out.hidden_states[-1][0, at].numpy(), positions))
+            labels += [t.label for t in record.tokens]
+    if not features:
+        return dataclasses.replace(data, features=data.features[:0], labels=data.labels[:0])
+    return dataclasses.replace(data, features=np.concatenate(features), labels=np.array(labels, bool))
 
 
 # ---------------------------------------------------------------- gate
@@ -166,12 +214,10 @@ def distill_local(
 ) -> tuple[dict[str, np.ndarray], float, float]:
     """Forward-KL distillation of the global drafter on the device's examples: (state, loss first, loss last)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(drafter_config_dir))
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    model = load_drafter(drafter_config_dir, state)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng(config.seed)

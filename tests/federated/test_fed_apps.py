@@ -166,6 +166,66 @@ def test_client_handlers_on_messages(fleet: Path, fed_pair: Path, tmp_path: Path
     assert evaluation["num_prompts"] == 2 and evaluation["lossless_tokens"] == 2 * 12
     assert evaluation["gated_tokens"] == 2 * 12 and evaluation["threshold"] == 0.5
     assert 1 <= evaluation["lossless_committed"] / evaluation["lossless_rounds"] <= 5  # k = 4 plus the bonus
+    # scored by the pair's target (the drafter alone may stop early at its end-of-text token)
+    assert 0 < evaluation["local_tokens"] <= 2 * 12
+    assert all(np.isfinite(evaluation[k]) and evaluation[k] > 0 for k in ("nll_lossless", "nll_gated", "nll_local"))
+
+
+def test_refreshed_features_follow_the_drafter(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
+    """The logging drafter reproduces the logged features; a distilled one moves them; the apps use them."""
+    from safetensors.numpy import load_file
+
+    from tandemspec.federated.fed.server_app import initial_arrays
+    from tandemspec.federated.fed.tasks import read_local, refresh_features
+
+    device = read_fleet(fleet)[0]
+    data = read_local(device.log_path(fleet))
+    state = load_file(str(fed_pair / "drafter" / "model.safetensors"))
+    same = refresh_features(device.log_path(fleet), fed_pair / "drafter", state, data)
+    assert same.features.shape == data.features.shape and np.array_equal(same.labels, data.labels)
+    np.testing.assert_allclose(same.features, data.features, atol=1e-3)  # ONNX Runtime vs eager torch
+    moved = {k: v * 1.5 if v.ndim == 2 else v for k, v in state.items()}
+    assert np.abs(refresh_features(device.log_path(fleet), fed_pair / "drafter", moved, data).features
+                  - data.features).max() > 1e-2  # fmt: skip
+
+    config = _config(fleet, fed_pair, tmp_path / "out")
+    config = replace(config, local=replace(config.local, refresh_features=True))
+    arrays = initial_arrays(config)
+    train = train_reply(
+        _message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "train"),
+        _context(config, 0),
+        config,
+    ).content["metrics"]
+    assert train["gate-loss-after"] < train["gate-loss-before"]
+    curve = curve_reply(
+        _message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), "evaluate.curve"),
+        _context(config, 0),
+        config,
+    ).content["metrics"]
+    assert curve["num-examples"] == len(data.labels)
+    gate_only = type(arrays)({k: v for k, v in arrays.items() if k.startswith("gate.")})
+    with pytest.raises(ValueError, match="no drafter weights"):
+        curve_reply(_message(RecordDict({"arrays": gate_only, "config": ConfigRecord({"server-round": 1})}),
+                             "evaluate.curve"), _context(config, 0), config)  # fmt: skip
+
+
+def test_sweep_compares_bundles_at_equal_measured_quality(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
+    """``fed sweep``: trusting nothing reproduces the target (match 1, quality recovered 1) at the most passes."""
+    from tandemspec.cli import main
+
+    out = tmp_path / "sweep"
+    args = ["fed", "sweep", "--fleet", str(fleet), "--bundle", f"start={fed_pair / 'edge'}", "--thresholds",
+            "0,0.5,1", "--match-floor", "0.999", "--pair", str(fed_pair), "--out", str(out),
+            "--max-new-tokens", "12"]  # fmt: skip
+    assert main(args) == 0
+    points = json.loads((out / "sweep.json").read_text())["bundles"]["start"]
+    trust_all, doubt_all = points["0.0000"], points["1.0000"]
+    assert doubt_all["gated-match"] == 1.0 and doubt_all["quality-recovered"] == pytest.approx(1.0)
+    assert trust_all["gated-passes-per-token"] < doubt_all["gated-passes-per-token"]
+    assert trust_all["accepted-length"] == doubt_all["accepted-length"]  # one lossless decoding per bundle
+    assert "1.00 (cheapest at the floor)" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 0
+    assert main([*args[:7], "0.5,x", *args[8:]]) == 2  # a malformed grid is refused, not a traceback
 
 
 def test_published_versions_chain_and_stay_lossless(fleet: Path, fed_pair: Path, tmp_path: Path) -> None:
@@ -210,8 +270,8 @@ def test_published_versions_chain_and_stay_lossless(fleet: Path, fed_pair: Path,
             for prompt in prompts:
                 ids = runtime.tokenizer.encode_prompt(prompt)
                 got = runtime.decoder.generate(GenerationRequest(ids, max_new_tokens=16)).token_ids
-                with torch.no_grad():
-                    want = target.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+                with torch.no_grad():  # transformers' own greedy decoding, stopping at end-of-text as the edge does
+                    want = target.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
                 assert list(got) == want[0, len(ids) :].tolist()
     finally:
         server.stop()

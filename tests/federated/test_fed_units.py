@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -182,6 +183,30 @@ def test_acceptance_guard() -> None:
     assert not acceptance_dropped(2.97, 3.0, 0.02)
     assert acceptance_dropped(2.9, 3.0, 0.02)
     assert acceptance_dropped(math.nan, 3.0, 0.02)
+
+
+def test_central_schedule_decays_once_over_the_run() -> None:
+    from tandemspec.federated.fed.centralised import MIN_LR_FACTOR, lr_factor
+
+    factors = [lr_factor(r, 5, "cosine") for r in range(1, 6)]
+    assert factors[0] == 1.0 and all(a > b for a, b in itertools.pairwise(factors))
+    assert min(factors) >= MIN_LR_FACTOR and factors[-1] < 0.2
+    assert {lr_factor(r, 5, "constant") for r in range(1, 6)} == {1.0} and lr_factor(1, 1, "cosine") == 1.0
+
+
+def test_quality_recovered_from_summed_nll() -> None:
+    """The bench's definition on fleet sums: 1 = the target's own text, 0 = the drafter's."""
+    from tandemspec.federated.fed.evaluate import EvalSums
+
+    base = dict(num_prompts=2, lossless_rounds=10, lossless_committed=30, lossless_tokens=40, lossless_passes=10,
+                gated_tokens=40, gated_passes=8, gated_matching=30, bytes_up=0, bytes_down=0,
+                local_tokens=20)  # fmt: skip
+    # per token: target 1.0, drafter 3.0, gated 1.5 -> (3 - 1.5) / (3 - 1) = 0.75
+    one = EvalSums(**base, nll_lossless=40.0, nll_gated=60.0, nll_local=60.0)  # type: ignore[arg-type]
+    metrics = (one + one).metrics()
+    assert metrics["nll-lossless"] == 1.0 and metrics["nll-local"] == 3.0 and metrics["nll-gated"] == 1.5
+    assert metrics["quality-recovered"] == pytest.approx(0.75)
+    assert "quality-recovered" not in EvalSums(**base).metrics()  # type: ignore[arg-type]  # unscored: no NLL
 
 
 def test_cost_curves_add_up_and_thresholds_follow_the_objective() -> None:
