@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from tandemspec.edge.pool import channel_options, channel_target
 from tandemspec.protos import tandem_pb2 as pb
 from tandemspec.protos import tandem_pb2_grpc as pb_grpc
 from tandemspec.protos.codec import (
@@ -97,7 +98,7 @@ class TokenizerMismatch(CloudRefused):
 class ClientConfig:
     """Where the verifier is and how long to wait for it."""
 
-    address: str
+    address: str  # HOST:PORT, a gRPC target, or a pool of replicas IP:PORT,IP:PORT (edge/pool.py)
     auth_token: str | None = None
     tls_ca: Path | None = None
     connect_timeout_s: float = 3.0
@@ -106,6 +107,9 @@ class ClientConfig:
     recv_timeout_s: float = 20.0  # longest wait for one cloud frame before giving up
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        channel_target(self.address)  # a malformed pool is a configuration error, raised here
 
 
 class Backoff:
@@ -258,11 +262,12 @@ class VerifierClient:
 
     def _connect(self) -> grpc.Channel:
         if self._channel is None:
+            target, options = channel_target(self.config.address), [*_CHANNEL_OPTIONS, *channel_options()]
             if self.config.tls_ca is not None:
                 credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca.read_bytes())
-                self._channel = grpc.secure_channel(self.config.address, credentials, options=_CHANNEL_OPTIONS)
+                self._channel = grpc.secure_channel(target, credentials, options=options)
             else:
-                self._channel = grpc.insecure_channel(self.config.address, options=_CHANNEL_OPTIONS)
+                self._channel = grpc.insecure_channel(target, options=options)
         return self._channel
 
     def _drop_channel(self) -> None:
