@@ -251,13 +251,15 @@ def main() -> int:
     prompts = load_prompts()
     prepare_state(args.state, prompts[-2:])
     ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
-    env = {**os.environ, "TANDEM_OPS_STATE": str(args.state), "TANDEM_TAG": args.tag}
+    # vfs copies a whole image per container: creating one takes longer than compose's 60 s default
+    env = {**os.environ, "TANDEM_OPS_STATE": str(args.state), "TANDEM_TAG": args.tag, "COMPOSE_HTTP_TIMEOUT": "900"}
     env.update({k: str(v) for k, v in ports.items()})
     compose = ["docker-compose", "-f", str(COMPOSE), "-p", PROJECT]
     ok = False
     try:
+        run([*compose, "down", "-v", "--remove-orphans"], env=env, timeout_s=900, check=False)  # an earlier run's
         log("docker-compose up")
-        run([*compose, "up", "-d"], env=env, timeout_s=600)
+        run([*compose, "up", "-d"], env=env, timeout_s=1800)
         summary["healthy_after_s"] = {k: round(v) for k, v in wait_healthy(env, args.health_timeout_s).items()}
         generations = []
         for edge, port in (("edge-a", ports["EDGE_A_PORT"]), ("edge-b", ports["EDGE_B_PORT"])):
