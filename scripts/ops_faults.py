@@ -192,8 +192,8 @@ class Reference:
         return wrong + (0 if g.streamed_ok else len(got))
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return round(1e3 * float(np.percentile(values, q)), 1) if values else None
 
 
 def summarise(name: str, gens: list[Generation], reference: Reference, rss: tuple[list, list], note: str) -> dict:
@@ -208,8 +208,8 @@ def summarise(name: str, gens: list[Generation], reference: Reference, rss: tupl
         "tokens": sum(len(g.token_ids) for g in gens),
         "rss_start_mb": rss[0],
         "rss_end_mb": rss[1],
-        "tpot_p50_ms": None if not tpots else round(1e3 * percentile(tpots, 50), 1),
-        "tpot_p99_ms": None if not tpots else round(1e3 * percentile(tpots, 99), 1),
+        "tpot_p50_ms": percentile_ms(tpots, 50),
+        "tpot_p99_ms": percentile_ms(tpots, 99),
         "note": note,
     }
 
@@ -440,7 +440,15 @@ def main() -> None:
         )
         rows[-1]["note"] += f" (ready again after {restart.get('s', float('nan')):.1f} s)"
 
-        scenario("link stall 2 s", args.scenario_s, [(0.3, lambda: [link.stall(2_000) for link in links])])
+        def stall_all(duration_ms: float) -> None:
+            for link in links:
+                link.stall(duration_ms)
+
+        def reset_all() -> None:
+            for link in links:
+                link.reset()
+
+        scenario("link stall 2 s", args.scenario_s, [(0.3, lambda: stall_all(2_000))])
         stall_at: dict[str, float] = {}
 
         def long_stall() -> None:
@@ -463,8 +471,7 @@ def main() -> None:
                 f"{detect[len(detect) // 2]:.1f} / {detect[-1]:.1f} s (min / median / max); receive timeout "
                 f"{RECV_TIMEOUT_S:.0f} s"
             )
-        resets = [(f, lambda: [link.reset() for link in links]) for f in (0.25, 0.5, 0.75)]
-        scenario("link resets", args.scenario_s, resets)
+        scenario("link resets", args.scenario_s, [(f, reset_all) for f in (0.25, 0.5, 0.75)])
         rows.append(poisoned_row(poisoned_update_scenario(args.norm_factor)))
         for edge in edges:
             edge.client.close()
