@@ -181,7 +181,9 @@ def wait_healthy(env: dict[str, str], timeout_s: float) -> dict[str, float]:
 
 
 def complete(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
-    body = json.dumps({"model": "tandem", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as reply:
+        model = json.loads(reply.read())["model"]  # the id the edge serves its bundle under
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
     )
@@ -205,10 +207,17 @@ def federated_round(env: dict[str, str], superlink_port: int, timeout_s: float) 
             "fleet-dir='/var/lib/tandem/fed/no-fleet' out-dir='/var/lib/tandem/fed/out' pair-dir='' num-rounds=1 "
             "local-distill-steps=2 local-gate-steps=20 evaluation-max-new-tokens=8"
         )
+        # The FAB carries only the app's configuration: its code is the package installed in the
+        # images (a copy of the sources first on sys.path would shadow it without its package-dir map).
+        app = Path(home) / "app"
+        app.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / name, app / name)
         started = time.monotonic()
         flwr = shutil.which("flwr") or "flwr"
-        command = [flwr, "run", str(REPO), "ops", "--stream", "--run-config", settings]
-        run(command, timeout_s=timeout_s, env={**env, "FLWR_HOME": home})
+        command = [flwr, "run", str(app), "ops", "--stream", "--run-config", settings]
+        output = run(command, timeout_s=timeout_s, env={**env, "FLWR_HOME": home})
+        log("flwr run output (tail):\n" + output[-3000:])
         return time.monotonic() - started
 
 
