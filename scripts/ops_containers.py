@@ -218,6 +218,8 @@ def federated_round(env: dict[str, str], superlink_port: int, timeout_s: float) 
         command = [flwr, "run", str(app), "ops", "--stream", "--run-config", settings]
         output = run(command, timeout_s=timeout_s, env={**env, "FLWR_HOME": home})
         log("flwr run output (tail):\n" + output[-3000:])
+        if "failed" in output or "raised an exception" in output:
+            raise RuntimeError("the federated round reported a failure (output above)")
         return time.monotonic() - started
 
 
