@@ -58,10 +58,11 @@ class CloudConfig:
     drain_grace_s: float = 10.0  # how long a stop waits for in-flight sessions
     max_message_bytes: int = 4 * 1024 * 1024
     # HTTP/2 ping policy (grpc.http2.min_recv_ping_interval_without_data_ms,
-    # grpc.keepalive_permit_without_calls, grpc.http2.max_ping_strikes): edges ping every 30 s
-    # even when idle (edge/client.py), comfortably above this minimum; a client pinging
-    # faster than it collects strikes and, past max_ping_strikes, a GOAWAY too_many_pings.
-    min_ping_interval_s: float = 10.0
+    # grpc.keepalive_permit_without_calls, grpc.http2.max_ping_strikes): edges ping after 3 s
+    # without incoming bytes, even when idle (edge/client.py: that is how they detect a dead
+    # link fast), twice this minimum; a client pinging faster than it collects strikes and,
+    # past max_ping_strikes, a GOAWAY too_many_pings.
+    min_ping_interval_s: float = 1.5
     permit_pings_without_calls: bool = True
     max_ping_strikes: int = 2
 

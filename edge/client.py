@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from tandemspec.edge.pool import channel_options, channel_target
 from tandemspec.protos import tandem_pb2 as pb
 from tandemspec.protos import tandem_pb2_grpc as pb_grpc
 from tandemspec.protos.codec import (
@@ -36,13 +37,20 @@ logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 1.0  # how long closing waits for a stream the edge ended to be ended by the verifier
 _END = object()  # marks the end of the request or response stream in the queues
-# Keepalive pings even on an idle channel, every 30 s: comfortably above the verifier's
-# minimum ping interval (10 s, cloud/config.py min_ping_interval_s), so the verifier never
-# answers with GOAWAY too_many_pings and an idle daemon's next request finds its connection.
-KEEPALIVE_TIME_MS = 30_000
+# Keepalive pings after 3 s without incoming bytes, even on an idle channel; no ack within
+# 2 s closes the connection. A dead link (a stall, a vanished replica) is so detected in
+# 5-8 s, well before recv_timeout_s, and a slow but alive verifier is not mistaken for one
+# (its transport acks pings while the target computes). 3 s is twice the verifier's minimum
+# ping interval (cloud/config.py min_ping_interval_s): no GOAWAY too_many_pings, and an idle
+# daemon's next request finds its connection.
+KEEPALIVE_TIME_MS = 3_000
+KEEPALIVE_TIMEOUT_MS = 2_000
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # A keepalive waits on a ping already in flight (gRPC's flow-control probe) with that
+    # ping's timeout, 60 s by default: give every ping the keepalive's timeout.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (the verifier allows it)
     ("grpc.enable_retries", 0),
@@ -97,7 +105,7 @@ class TokenizerMismatch(CloudRefused):
 class ClientConfig:
     """Where the verifier is and how long to wait for it."""
 
-    address: str
+    address: str  # HOST:PORT, a gRPC target, or a pool of replicas IP:PORT,IP:PORT (edge/pool.py)
     auth_token: str | None = None
     tls_ca: Path | None = None
     connect_timeout_s: float = 3.0
@@ -106,6 +114,9 @@ class ClientConfig:
     recv_timeout_s: float = 20.0  # longest wait for one cloud frame before giving up
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        channel_target(self.address)  # a malformed pool is a configuration error, raised here
 
 
 class Backoff:
@@ -258,11 +269,12 @@ class VerifierClient:
 
     def _connect(self) -> grpc.Channel:
         if self._channel is None:
+            target, options = channel_target(self.config.address), [*_CHANNEL_OPTIONS, *channel_options()]
             if self.config.tls_ca is not None:
                 credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca.read_bytes())
-                self._channel = grpc.secure_channel(self.config.address, credentials, options=_CHANNEL_OPTIONS)
+                self._channel = grpc.secure_channel(target, credentials, options=options)
             else:
-                self._channel = grpc.insecure_channel(self.config.address, options=_CHANNEL_OPTIONS)
+                self._channel = grpc.insecure_channel(target, options=options)
         return self._channel
 
     def _drop_channel(self) -> None:
