@@ -130,7 +130,8 @@ def measure(config: BenchConfig, progress: Progress) -> tuple[ModePlan, list[Pro
 
 def score(config: BenchConfig, runs: Sequence[PromptRun], progress: Progress) -> tuple[dict[Any, Any], Any]:
     """The target's NLL of every distinct continuation, and the assisted-generation reference."""
-    from tandemspec.bench.scoring import load_causal_lm, load_drafter_lm, run_assisted, score_continuations
+    from tandemspec.bench.scoring import load_causal_lm, run_assisted, score_continuations
+    from tandemspec.federated.distill.model import is_draft_head_dir
 
     progress("scoring continuations with the target")
     target = load_causal_lm(config.target_dir)
@@ -140,13 +141,12 @@ def score(config: BenchConfig, runs: Sequence[PromptRun], progress: Progress) ->
     picked = [greedy[i] for i in sorted(greedy)][: config.num_assisted_prompts]
     if not picked:
         return nll, None
-    progress(f"transformers assisted generation on {len(picked)} prompts")
-    try:
-        drafter = load_drafter_lm(config.drafter_dir)
-        assisted = run_assisted(target, drafter, [p for p, _ in picked], [t for _, t in picked], config.max_new_tokens)
-    except (RuntimeError, ValueError, TypeError) as error:  # the measured modes stand without this reference
-        progress(f"assisted generation skipped: transformers cannot use {config.drafter_dir} as an assistant ({error})")
+    if is_draft_head_dir(config.drafter_dir):  # transformers' assisted generation needs a plain causal LM
+        progress(f"assisted generation skipped: {config.drafter_dir} is a reduced-head drafter (tandem distill)")
         return nll, None
+    progress(f"transformers assisted generation on {len(picked)} prompts")
+    drafter = load_causal_lm(config.drafter_dir)
+    assisted = run_assisted(target, drafter, [p for p, _ in picked], [t for _, t in picked], config.max_new_tokens)
     return nll, dataclasses.asdict(assisted)
 
 

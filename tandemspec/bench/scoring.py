@@ -47,15 +47,6 @@ def load_causal_lm(model_dir: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
 
 
-def load_drafter_lm(model_dir: Path) -> Any:
-    """The drafter as a causal LM: a reduced-head drafter of ``tandem distill`` through its own loader."""
-    from tandemspec.federated.distill.model import is_draft_head_dir, load_drafter
-
-    if is_draft_head_dir(model_dir):
-        return load_drafter(model_dir).eval()
-    return load_causal_lm(model_dir)
-
-
 def score_continuations(
     model: Any, pairs: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], pad_id: int = 0
 ) -> list[TokenNll]:
