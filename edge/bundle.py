@@ -30,6 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +163,33 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def staged_bundle(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out_dir`` to build a bundle in; a clean exit replaces ``out_dir`` by it in one rename.
+
+    Only an absent folder, an empty one or an earlier bundle may be replaced (checked on
+    entry and again before the rename); on an error the staging folder is removed.
+    """
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a published bundle is readable like any folder
+    try:
+        yield staging
+        _check_replaceable(out_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise BundleError(f"{out_dir} exists and is not an edge bundle; refusing to overwrite it")
 
 
 def hash_files(folder: Path, names: list[str]) -> dict[str, str]:

@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,11 @@ from tandemspec.edge.bundle import (
     GATE_NAME,
     MANIFEST_NAME,
     TOKENIZER_NAME,
+    BundleError,
     BundleManifest,
     hash_files,
     load_bundle,
+    staged_bundle,
 )
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
 from tandemspec.fingerprint import tokenizer_fingerprint
@@ -290,27 +291,28 @@ def export_bundle(config: ExportConfig) -> tuple[BundleManifest, ParityReport]:
     if not (drafter_dir / TOKENIZER_NAME).is_file():
         raise ExportError(f"{drafter_dir} has no {TOKENIZER_NAME}; the edge needs the drafter's fast tokenizer")
     out_dir = Path(config.out_dir)
-    _check_replaceable(out_dir)
-    model = load_drafter(drafter_dir)
-    manifest = build_manifest(model, drafter_dir, config.opset)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a published bundle is readable like any folder
-    try:
-        export_onnx(model, manifest, staging / DRAFTER_NAME, config)
-        manifest = replace(manifest, special_tokens=write_tokenizer(drafter_dir, staging))
-        if config.gate_path is not None:
-            copy_gate(Path(config.gate_path), staging)
-        names = sorted(p.name for p in staging.iterdir() if p.is_file())
-        manifest = replace(manifest, files=hash_files(staging, names))
-        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    with staged_bundle(out_dir) as staging:
+        model = load_drafter(drafter_dir)
+        manifest = build_manifest(model, drafter_dir, config.opset)
+        manifest = write_bundle_files(model, manifest, staging, config)
         report = check_parity(model, staging, config.tolerance)
-        _publish(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info("exported %s to %s (worst parity error %.2e)", drafter_dir, out_dir, report.worst)
     return manifest, report
+
+
+def write_bundle_files(
+    model: PreTrainedModel, manifest: BundleManifest, staging: Path, config: ExportConfig
+) -> BundleManifest:
+    """The graph, the tokenizer (and chat template), the gate and the manifest with every file's hash."""
+    export_onnx(model, manifest, staging / DRAFTER_NAME, config)
+    # The tokenizer AutoTokenizer runs, not a copy of the drafter's file (see write_tokenizer).
+    manifest = replace(manifest, special_tokens=write_tokenizer(Path(config.drafter_dir), staging))
+    if config.gate_path is not None:
+        copy_gate(Path(config.gate_path), staging)
+    names = sorted(p.name for p in staging.iterdir() if p.is_file())
+    manifest = replace(manifest, files=hash_files(staging, names))
+    (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
 
 
 def copy_gate(gate_path: Path, out_dir: Path) -> None:
@@ -357,26 +359,12 @@ def write_tokenizer(drafter_dir: Path, out_dir: Path) -> dict[str, str]:
     return {name: value for name, value in auto.special_tokens_map.items() if isinstance(value, str)}
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an absent folder, an empty one or an earlier bundle may be replaced."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise ExportError(f"{out_dir} exists and is not an edge bundle; refusing to overwrite it")
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging``."""
-    _check_replaceable(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-
-
 def export_main(args: argparse.Namespace) -> int:
     """Entry point of ``tandem export``."""
     config = ExportConfig(drafter_dir=args.drafter, out_dir=args.out, opset=args.opset, gate_path=args.gate)
     try:
         manifest, report = export_bundle(config)
-    except ExportError as error:
+    except (ExportError, BundleError) as error:
         logger.error("%s", error)
         print(f"tandem export: {error}")
         return 1

@@ -17,14 +17,13 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from tandemspec.edge.bundle import DRAFTER_NAME, MANIFEST_NAME, hash_files, load_bundle
+from tandemspec.edge.bundle import DRAFTER_NAME, MANIFEST_NAME, hash_files, load_bundle, staged_bundle
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
 from tandemspec.edge.tokenizer import EdgeTokenizer
 
@@ -64,12 +63,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path) -> QuantizeReport:
     source = load_bundle(bundle_dir)
     if source.manifest.weights == INT8:
         raise QuantizeError(f"{bundle_dir} is already int8")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise QuantizeError(f"{out_dir} exists and is not an edge bundle; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_bundle(out_dir) as staging:
         for name in source.manifest.files:
             if name != DRAFTER_NAME:
                 shutil.copy(source.path / name, staging / name)
@@ -84,12 +78,6 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path) -> QuantizeReport:
         manifest = replace(manifest, files=hash_files(staging, sorted(manifest.files)))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         report = compare(bundle_dir, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return report
 
 

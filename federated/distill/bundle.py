@@ -9,25 +9,15 @@ and the columns outside the head must hold exactly the fill value.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tandemspec.edge.bundle import DRAFTER_NAME, MANIFEST_NAME, hash_files, load_bundle
+from tandemspec.edge.bundle import load_bundle, staged_bundle
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
 from tandemspec.federated.distill.model import DRAFT_FILL, DraftHeadModel, load_drafter
-from tandemspec.federated.export import (
-    ExportConfig,
-    ExportError,
-    build_manifest,
-    copy_gate,
-    export_onnx,
-    write_tokenizer,
-)
+from tandemspec.federated.export import ExportConfig, ExportError, build_manifest, write_bundle_files
 
 logger = logging.getLogger(__name__)
 
@@ -74,26 +64,8 @@ def export_draft_bundle(
     model = load_drafter(drafter_dir)
     config = ExportConfig(drafter_dir=drafter_dir, out_dir=out_dir, gate_path=gate_path)
     manifest = build_manifest(model, drafter_dir, config.opset)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise ExportError(f"{out_dir} exists and is not an edge bundle; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)
-    try:
-        export_onnx(model, manifest, staging / DRAFTER_NAME, config)
-        # The tokenizer AutoTokenizer runs and the chat template, as `tandem export` writes them.
-        manifest = replace(manifest, special_tokens=write_tokenizer(drafter_dir, staging))
-        if gate_path is not None:
-            copy_gate(gate_path, staging)
-        names = sorted(p.name for p in staging.iterdir() if p.is_file())
-        manifest = replace(manifest, files=hash_files(staging, names))
-        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    with staged_bundle(out_dir) as staging:
+        write_bundle_files(model, manifest, staging, config)  # as `tandem export` writes them
         worst = check_head_parity(model, staging, tolerance)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info("exported %s to %s (worst parity error %.2e)", drafter_dir, out_dir, worst)
     return worst
