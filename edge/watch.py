@@ -77,17 +77,15 @@ def smoke_test(loaded: LoadedBundle) -> None:
     logits, hidden = drafter.reset(ids)  # [vocab], [hidden]
     rows_logits, rows_hidden = [logits], [hidden]
     for _ in range(SMOKE_TOKENS - 1):
-        if not (np.isfinite(logits).all() and np.isfinite(hidden).all()):
-            raise ValueError(f"the drafter gives non-finite outputs after {len(rows_logits)} tokens")
-        step_logits, step_hidden = drafter.extend([int(np.argmax(logits))])
-        logits, hidden = step_logits[-1], step_hidden[-1]
-        rows_logits.append(logits)
-        rows_hidden.append(hidden)
-    if not (np.isfinite(logits).all() and np.isfinite(hidden).all()):
-        raise ValueError(f"the drafter gives non-finite outputs after {len(rows_logits)} tokens")
+        step_logits, step_hidden = drafter.extend([int(np.argmax(rows_logits[-1]))])
+        rows_logits.append(step_logits[-1])
+        rows_hidden.append(step_hidden[-1])
+    all_logits, all_hidden = np.stack(rows_logits), np.stack(rows_hidden)  # [SMOKE_TOKENS, vocab / hidden]
+    if not (np.isfinite(all_logits).all() and np.isfinite(all_hidden).all()):
+        raise ValueError(f"the drafter gives non-finite outputs in a {SMOKE_TOKENS}-token greedy decode")
     gate_path = loaded.bundle.gate_path
     if gate_path is not None:
-        features = token_features(np.stack(rows_logits), np.stack(rows_hidden), np.arange(len(rows_logits)))
+        features = token_features(all_logits, all_hidden, np.arange(SMOKE_TOKENS))
         p_accept = OnnxGate(gate_path).predict(features)  # [SMOKE_TOKENS]
         if not (np.isfinite(p_accept).all() and (p_accept >= 0).all() and (p_accept <= 1).all()):
             raise ValueError(f"the gate gives probabilities outside [0, 1]: {p_accept.tolist()}")
