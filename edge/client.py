@@ -42,19 +42,24 @@ _END = object()  # marks the end of the request or response stream in the queues
 # 5-8 s, well before recv_timeout_s, and a slow but alive verifier is not mistaken for one
 # (its transport acks pings while the target computes). 3 s is twice the verifier's minimum
 # ping interval (cloud/config.py min_ping_interval_s): no GOAWAY too_many_pings, and an idle
-# daemon's next request finds its connection.
+# daemon's next request finds its connection. Both are ClientConfig fields (edge config
+# ``keepalive_time_s`` / ``keepalive_timeout_s``); these are the defaults.
 KEEPALIVE_TIME_MS = 3_000
 KEEPALIVE_TIMEOUT_MS = 2_000
-_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    # A keepalive waits on a ping already in flight (gRPC's flow-control probe) with that
-    # ping's timeout, 60 s by default: give every ping the keepalive's timeout.
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (the verifier allows it)
-    ("grpc.enable_retries", 0),
-]
+
+
+def keepalive_options(time_ms: int, timeout_ms: int) -> list[tuple[str, int]]:
+    """The channel options that find a dead link: a ping after ``time_ms`` of silence, ``timeout_ms`` for its ack."""
+    return [
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # A keepalive waits on a ping already in flight (gRPC's flow-control probe) with that
+        # ping's timeout, 60 s by default: give every ping the keepalive's timeout.
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection (the verifier allows it)
+        ("grpc.enable_retries", 0),
+    ]
 
 
 class CloudUnavailable(Exception):
@@ -114,8 +119,17 @@ class ClientConfig:
     recv_timeout_s: float = 20.0  # longest wait for one cloud frame before giving up
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    # Dead-link detection (see KEEPALIVE_TIME_MS): keep keepalive_time_s at or above the
+    # verifier's min_ping_interval_s, or it answers the pings with GOAWAY too_many_pings.
+    keepalive_time_s: float = KEEPALIVE_TIME_MS / 1000
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_MS / 1000
 
     def __post_init__(self) -> None:
+        if not (self.keepalive_time_s > 0 and self.keepalive_timeout_s > 0):
+            raise ValueError(
+                f"keepalive_time_s and keepalive_timeout_s must be > 0, got "
+                f"{self.keepalive_time_s} and {self.keepalive_timeout_s}"
+            )
         channel_target(self.address)  # a malformed pool is a configuration error, raised here
 
 
@@ -269,7 +283,10 @@ class VerifierClient:
 
     def _connect(self) -> grpc.Channel:
         if self._channel is None:
-            target, options = channel_target(self.config.address), [*_CHANNEL_OPTIONS, *channel_options()]
+            keepalive = keepalive_options(
+                round(self.config.keepalive_time_s * 1000), round(self.config.keepalive_timeout_s * 1000)
+            )
+            target, options = channel_target(self.config.address), [*keepalive, *channel_options()]
             if self.config.tls_ca is not None:
                 credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca.read_bytes())
                 self._channel = grpc.secure_channel(target, credentials, options=options)

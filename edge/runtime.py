@@ -21,7 +21,7 @@ from typing import Any
 
 from tandemspec.config import load_config
 from tandemspec.edge.bundle import Bundle, default_bundle_dir, load_bundle
-from tandemspec.edge.client import ClientConfig, VerifierClient
+from tandemspec.edge.client import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, ClientConfig, VerifierClient
 from tandemspec.edge.decoder import DecoderConfig, DraftPolicy, HybridDecoder
 from tandemspec.edge.devicelog import DEFAULT_MAX_ROWS, DeviceLog
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
@@ -62,6 +62,11 @@ class EdgeConfig:
     threads: int = 0  # ONNX Runtime intra-op threads (0 = its default)
     connect_timeout_s: float = 3.0
     recv_timeout_s: float = 20.0
+    # A silent link is pinged after keepalive_time_s; no answer within keepalive_timeout_s ends
+    # the connection (the generation continues locally): a dead link is found in about
+    # 2 * keepalive_time_s + keepalive_timeout_s, long before recv_timeout_s.
+    keepalive_time_s: float = KEEPALIVE_TIME_MS / 1000
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_MS / 1000
     host: str = "127.0.0.1"
     port: int = 8000
     client_id: str = ""
@@ -230,4 +235,6 @@ def _client_config(config: EdgeConfig) -> ClientConfig:
         tls_ca=config.tls_ca,
         connect_timeout_s=config.connect_timeout_s,
         recv_timeout_s=config.recv_timeout_s,
+        keepalive_time_s=config.keepalive_time_s,
+        keepalive_timeout_s=config.keepalive_timeout_s,
     )

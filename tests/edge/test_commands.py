@@ -119,6 +119,21 @@ def test_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert (config.draft_length, config.mode, config.port) == (2, "cloud", 8000)
 
 
+def test_keepalive_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How fast a dead link is found is the operator's: TANDEM_EDGE_KEEPALIVE_* reach the channel's config."""
+    from tandemspec.cli import build_parser
+    from tandemspec.edge.runtime import _client_config, config_from_args
+
+    monkeypatch.setenv("TANDEM_EDGE_KEEPALIVE_TIME_S", "1.5")
+    monkeypatch.setenv("TANDEM_EDGE_KEEPALIVE_TIMEOUT_S", "0.5")
+    args = build_parser().parse_args(["edge", "serve", "--cloud", "127.0.0.1:1"])
+    client = _client_config(config_from_args(args))
+    assert (client.keepalive_time_s, client.keepalive_timeout_s) == (1.5, 0.5)
+    monkeypatch.setenv("TANDEM_EDGE_KEEPALIVE_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="keepalive"):
+        _client_config(config_from_args(args))
+
+
 def test_generate_gated_from_the_command_line(
     tiny_bundle_dir: Callable[..., Path],
     verifier_for: Callable[[str], Any],

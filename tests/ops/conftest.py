@@ -52,12 +52,15 @@ def start_replica(tiny_model_dir: Callable[..., Path]) -> Iterator[Callable[...,
 
 @pytest.fixture
 def make_edge(drafter: tuple[OnnxDrafter, EdgeTokenizer]) -> Callable[..., HybridDecoder]:
-    """Factory: ``make_edge(address, backoff=None, **DecoderConfig fields)`` -> a decoder; ``None`` = local only."""
+    """Factory: ``make_edge(address, backoff=None, client=None, **DecoderConfig fields)`` -> a decoder
+    (``client``: ClientConfig fields); ``address`` ``None`` = local only."""
 
-    def make(address: str | None, backoff: Backoff | None = None, **fields: Any) -> HybridDecoder:
+    def make(
+        address: str | None, backoff: Backoff | None = None, client: dict[str, Any] | None = None, **fields: Any
+    ) -> HybridDecoder:
         onnx, tokenizer = drafter
-        client = VerifierClient(ClientConfig(address=address), backoff) if address else None
-        return HybridDecoder(onnx, tokenizer, client, DecoderConfig(**fields))
+        verifier = VerifierClient(ClientConfig(address=address, **(client or {})), backoff) if address else None
+        return HybridDecoder(onnx, tokenizer, verifier, DecoderConfig(**fields))
 
     return make
 
