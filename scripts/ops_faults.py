@@ -214,6 +214,33 @@ def summarise(name: str, gens: list[Generation], reference: Reference, rss: tupl
     }
 
 
+def peak_concurrency(gens: list[Generation]) -> int:
+    """The most generations in flight at one moment."""
+    events = sorted([(g.started, 1) for g in gens] + [(g.ended, -1) for g in gens])
+    peak = now = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def total_row(rows: list[dict[str, Any]], gens: list[Generation], load_s: float, edges: int) -> dict[str, Any]:
+    """All load scenarios together: how long the edges ran and how many at once."""
+    load_rows = [r for r in rows if isinstance(r["bad_tokens"], int)]
+    errors: collections.Counter[str] = collections.Counter()
+    for r in load_rows:
+        errors.update(r["errors"])
+    tpots = [t for g in gens if (t := g.tpot_s) is not None]
+    return {
+        "scenario": "all load scenarios", "generations": len(gens), "errors": dict(errors),
+        "fallbacks": sum(r["fallbacks"] for r in load_rows), "bad_tokens": sum(r["bad_tokens"] for r in load_rows),
+        "tokens": sum(r["tokens"] for r in load_rows), "rss_start_mb": load_rows[0]["rss_start_mb"],
+        "rss_end_mb": load_rows[-1]["rss_end_mb"], "tpot_p50_ms": percentile_ms(tpots, 50),
+        "tpot_p99_ms": percentile_ms(tpots, 99),
+        "note": f"{edges} edges under load for {load_s:.0f} s; at most {peak_concurrency(gens)} generations at once",
+    }  # fmt: skip
+
+
 def run_load(edges: list[Edge], duration_s: float, faults: list[tuple[float, Any]]) -> list[Generation]:
     """Every edge generates for ``duration_s``; ``faults`` are (fraction of the duration, action)."""
     stop = threading.Event()
@@ -415,9 +442,15 @@ def main() -> None:
         def rss() -> list[float | None]:
             return [r.rss_mb() for r in replicas]
 
+        every: list[Generation] = []
+        load_s = 0.0
+
         def scenario(name: str, duration_s: float, faults: list[tuple[float, Any]], note: str = "") -> list[Generation]:
-            before = rss()
+            nonlocal load_s
+            before, start = rss(), time.monotonic()
             gens = run_load(edges, duration_s, faults)
+            load_s += time.monotonic() - start
+            every.extend(gens)
             rows.append(summarise(name, gens, reference, (before, rss()), note))
             print(json.dumps(rows[-1]), flush=True)
             return gens
@@ -472,6 +505,7 @@ def main() -> None:
                 f"{RECV_TIMEOUT_S:.0f} s"
             )
         scenario("link resets", args.scenario_s, [(f, reset_all) for f in (0.25, 0.5, 0.75)])
+        rows.append(total_row(rows, every, load_s, args.edges))
         rows.append(poisoned_row(poisoned_update_scenario(args.norm_factor)))
         for edge in edges:
             edge.client.close()
