@@ -11,7 +11,6 @@ client, and compares each answer with transformers' ``generate`` on
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandemspec.edge.demo import local_verifier
+from tandemspec.net import free_port
 
 QUESTIONS = ("What is the capital of France?", "Give me one tip for writing clear Python code.", "What is 12 times 7?")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,12 +25,7 @@ import httpx
 
 from tandemspec.federated.fed.publish import CURRENT_NAME, publish_version
 from tandemspec.models import reference_dir
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tandemspec.net import free_port
 
 
 def wait_for_version(base: str, version: str, timeout_s: float = 60.0) -> float:

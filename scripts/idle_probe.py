@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,7 @@ import httpx
 from tandemspec.edge.client import KEEPALIVE_TIME_MS
 from tandemspec.edge.demo import local_verifier
 from tandemspec.models import reference_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tandemspec.net import free_port
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from tandemspec.net import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -65,16 +66,6 @@ def run(command: list[str], timeout_s: float = 1800, env: dict[str, str] | None 
         output = result.stdout[-3000:] + result.stderr[-3000:]
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
     return result.stdout
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def make_base(image: str, workdir: Path) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tandemspec.edge.client import Backoff, ClientConfig, CloudRefused, CloudUnavailable, VerifierClient
+from tandemspec.net import free_port
 
 
 class FakeClock:
@@ -35,19 +35,13 @@ def test_backoff_grows_jittered_and_capped() -> None:
     assert backoff.failures == 0 and backoff.ready()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_unreachable_then_backoff_then_reconnect(tiny_model_dir: Callable[..., Path]) -> None:
     """No verifier: fails within the connect deadline; during backoff no attempt is made;
     once the verifier is up on that address and the wait is over, the client reconnects."""
     from tandemspec.cloud.config import CloudConfig
     from tandemspec.cloud.server import serve_in_thread
 
-    port = _free_port()
+    port = free_port()
     clock = FakeClock()
     backoff = Backoff(initial_s=1.0, max_s=8.0, clock=clock, rng=random.Random(1))
     client = VerifierClient(ClientConfig(address=f"127.0.0.1:{port}", connect_timeout_s=0.5), backoff)

@@ -39,6 +39,7 @@ from tandemspec.federated.fed.publish import (
 )
 from tandemspec.federated.fed.tasks import THRESHOLD_GRID, LocalTrainConfig
 from tandemspec.federated.fed.weights import flat_numpy, from_arrays
+from tandemspec.net import free_port
 
 NUM_DEVICES = 3
 TINY_DRAFTER_NOISE = 0.05  # tests/conftest.py's DRAFTER_NOISE: the drafter tiny_bundle_dir("llama") exports
@@ -352,20 +353,12 @@ def test_two_rounds_on_the_simulation_engine(fleet: Path, fed_pair: Path, tmp_pa
     assert len(table) == 2 + 3 and table[2].startswith("| 0 | v0001 | yes |")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_flwr_run_on_a_local_superlink(fleet: Path, fed_pair: Path, tmp_path: Path, flwr_home: Path) -> None:
     """``flwr run .`` (pyproject's [tool.flwr.app]) on a simulation-mode SuperLink started and stopped here."""
     from tandemspec.federated.fed.server_app import HISTORY_NAME
 
-    port, control = _free_port(), _free_port()
+    port, control = free_port(), free_port()
     flwr_home.mkdir(parents=True)
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -438,7 +431,7 @@ def test_deployment_on_loopback(fleet: Path, fed_pair: Path, tmp_path: Path, flw
     from tandemspec.federated.fed.server_app import HISTORY_NAME
 
     devices = read_fleet(fleet)[:2]
-    port = _free_port()
+    port = free_port()
     flwr_home.mkdir(parents=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -446,7 +439,7 @@ def test_deployment_on_loopback(fleet: Path, fed_pair: Path, tmp_path: Path, flw
     processes = [
         subprocess.Popen(
             ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-             "--control-api-address", f"127.0.0.1:{_free_port()}", "--disable-runtime-dependency-installation",
+             "--control-api-address", f"127.0.0.1:{free_port()}", "--disable-runtime-dependency-installation",
              "--database", ":flwr-in-memory:"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -461,7 +454,7 @@ def test_deployment_on_loopback(fleet: Path, fed_pair: Path, tmp_path: Path, flw
             processes.append(
                 subprocess.Popen(
                     ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-                     "--port", str(_free_port()), "--node-config", node_config],
+                     "--port", str(free_port()), "--node-config", node_config],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
             )  # fmt: skip
