@@ -210,8 +210,9 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", help="numbers of concurrent edges (default 1,4,16; quick 1,4)")
     parser.add_argument(
         "--modes",
-        help="comma-separated subset of cloud,local,lossless-sync,lossless,gated,chain,tree (default: all but chain "
-        "and tree; gated runs one operating point per gate kind and quality floor, chain and tree one mode per size)",
+        help="comma-separated subset of cloud,local,lossless-sync,lossless,lossless-defer,gated,chain,tree (default: "
+        "all but lossless-defer, chain and tree; lossless-defer: pipelined with the bonus deferred, as before the "
+        "bonus rule; gated runs one operating point per gate kind and quality floor, chain and tree one mode per size)",
     )
     parser.add_argument(
         "--gate-kinds", help="gated: comma-separated trust scores among learned,entropy,top1 (default: all three)"
