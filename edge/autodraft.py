@@ -17,8 +17,11 @@ The model, per round of lossless chain decoding with ``k`` draft tokens:
 
 :class:`CostEstimator` keeps the estimates online, with exponential forgetting and priors,
 so a decoder adapts to its link and verifier across generations. The verify cost's slope
-``c1`` is only learnt when frames of different sizes were judged, so one round in
-``_EXPLORE_EVERY`` drafts one token more or less than the choice.
+``c1`` is fitted only once the judged frames' sizes spread (a standard deviation of at least
+``_MIN_SPREAD`` tokens; one round in ``_EXPLORE_EVERY`` drafts two tokens more or less than
+the choice to widen it); until then the pass is taken as flat (``c1 = 0``, its mean cost), as
+on an accelerator. A line fitted to a narrow spread of noisy timings on shared cores
+extrapolates wildly (measured: a 10 ms-per-token slope and no fixed cost).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import threading
 from dataclasses import dataclass
 
 _DECAY = 0.97  # weight of the past per observation (a half-life of ~23 observations)
-_EXPLORE_EVERY = 8  # one round in this many tries a neighbouring length (learns the verify slope)
+_EXPLORE_EVERY = 8  # one round in this many tries a length 2 away (spreads the sizes for the verify slope)
+_MIN_SPREAD = 1.0  # frame sizes' standard deviation (tokens) before the verify slope is fitted
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class CostEstimator:
             if self._n > 0:
                 mean_x, mean_y = self._x / self._n, self._y / self._n
                 var = self._xx / self._n - mean_x**2
-                if var > 1e-6:  # frames of more than one size: fit the line
+                if var >= _MIN_SPREAD**2:  # frames of sizes spread enough: fit the line
                     slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / var)
                 intercept = max(0.0, mean_y - slope * mean_x)
             return Costs(
@@ -134,6 +138,6 @@ class CostEstimator:
             self._rounds += 1
             explore = self._rounds % _EXPLORE_EVERY == 0 and max_length > 1
             up = (self._rounds // _EXPLORE_EVERY) % 2 == 1
-        if explore:  # alternately one longer and one shorter, within 1 .. max_length
-            k = k + 1 if (up and k < max_length) or k == 1 else k - 1
+        if explore:  # alternately longer and shorter by 2, within 1 .. max_length
+            k = min(k + 2, max_length) if (up and k < max_length) or k == 1 else max(k - 2, 1)
         return k
