@@ -178,7 +178,8 @@ class HybridDecoder:
         self.client = client
         self.config = config or DecoderConfig()
         self.log = log
-        self.policy = policy or FixedLength(self.config.draft_length)
+        config = self.config
+        self.policy = policy or FixedLength(config.auto_max_draft if config.auto_draft else config.draft_length)
         self.gate = gate  # gated mode's trust decision
         # What rounds cost on this decoder's link and verifier, kept across generations (auto_draft).
         self.costs = CostEstimator()

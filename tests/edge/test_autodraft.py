@@ -99,6 +99,7 @@ def test_auto_draft_is_lossless_and_drafts_longer_over_a_slower_link(
                 assert 0.8 * rtt_ms / 1000 <= decoder.costs.costs().rtt_s < rtt_ms / 1000 + 0.1
     for pipeline in (False, True):
         assert mean_length[60.0, pipeline] > mean_length[0.0, pipeline], mean_length
+    assert mean_length[60.0, False] > 4, mean_length  # past the default draft length: the choice is the length
 
 
 def test_auto_draft_refuses_trees() -> None:
