@@ -17,11 +17,11 @@ The model, per round of lossless chain decoding with ``k`` draft tokens:
 
 :class:`CostEstimator` keeps the estimates online, with exponential forgetting and priors,
 so a decoder adapts to its link and verifier across generations. The verify cost's slope
-``c1`` is fitted only once the judged frames' sizes spread (a standard deviation of at least
-``_MIN_SPREAD`` tokens; one round in ``_EXPLORE_EVERY`` drafts two tokens more or less than
-the choice to widen it); until then the pass is taken as flat (``c1 = 0``, its mean cost), as
-on an accelerator. A line fitted to a narrow spread of noisy timings on shared cores
-extrapolates wildly (measured: a 10 ms-per-token slope and no fixed cost).
+``c1`` is a ridge fit: a least-squares line whose slope is shrunk towards a flat pass by a
+prior worth a spread of ``_RIDGE`` squared tokens, since a line fitted to a narrow spread
+of noisy timings on shared cores extrapolates wildly (measured: a 10 ms-per-token slope
+and no fixed cost, which chose 1-2 token frames); one round in ``_EXPLORE_EVERY`` drafts
+two tokens more or less than the choice, to spread the sizes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 _DECAY = 0.97  # weight of the past per observation (a half-life of ~23 observations)
 _EXPLORE_EVERY = 8  # one round in this many tries a length 2 away (spreads the sizes for the verify slope)
-_MIN_SPREAD = 1.0  # frame sizes' standard deviation (tokens) before the verify slope is fitted
+_RIDGE = 4.0  # the flat-pass prior on the verify slope, as a variance of frame sizes (tokens^2)
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,7 @@ class CostEstimator:
             if self._n > 0:
                 mean_x, mean_y = self._x / self._n, self._y / self._n
                 var = self._xx / self._n - mean_x**2
-                if var >= _MIN_SPREAD**2:  # frames of sizes spread enough: fit the line
-                    slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / var)
+                slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / (max(var, 0.0) + _RIDGE))
                 intercept = max(0.0, mean_y - slope * mean_x)
             return Costs(
                 rtt_s=self._rtt.value,

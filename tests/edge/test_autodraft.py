@@ -52,7 +52,7 @@ def test_longer_drafts_for_longer_round_trips_and_better_drafters() -> None:
 def test_the_estimator_learns_the_costs() -> None:
     estimator = CostEstimator()
     for i in range(200):
-        k = 4 if i % 2 else 8
+        k = 2 if i % 2 else 14  # sizes 8 +- 6: a variance of 36 tokens^2
         # acceptance 0.75: per round 3 tokens accepted, then a rejection
         estimator.observe_round(k, 3, fully_accepted=False, compute_s=0.01 + 0.002 * k)
         estimator.observe_rtt(0.05)
@@ -61,9 +61,10 @@ def test_the_estimator_learns_the_costs() -> None:
     assert costs.acceptance == pytest.approx(0.75, abs=0.01)
     assert costs.rtt_s == pytest.approx(0.05, rel=0.01)
     assert costs.draft_s_per_token == pytest.approx(0.003, rel=0.01)
-    assert costs.verify_s == pytest.approx(0.01, rel=0.01) and costs.verify_s_per_token == pytest.approx(
-        0.002, rel=0.01
-    )
+    # The ridge prior (worth a variance of 4) shrinks the 2 ms-per-token slope by 36 / (36 + 4).
+    slope = 0.002 * 36 / 40
+    assert costs.verify_s_per_token == pytest.approx(slope, rel=0.02)
+    assert costs.verify_s == pytest.approx(0.01 + 0.002 * 8 - slope * 8, rel=0.02)
     # One size only: the slope is unknown and taken as 0, the pass as its mean.
     flat = CostEstimator()
     for _ in range(50):
@@ -78,8 +79,9 @@ def test_the_estimator_learns_the_costs() -> None:
 def test_auto_draft_is_lossless_and_drafts_longer_over_a_slower_link(
     make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_greedy: Any
 ) -> None:
-    """Through the link emulator at RTT 0 and 60 ms: the target's greedy output, pipelined and not,
-    and a longer mean draft where the round trip is measured at 60 ms."""
+    """Through the link emulator at RTT 0 and 60 ms: the target's greedy output, pipelined and not, and
+    synchronously a longer mean draft where the round trip is measured at 60 ms (pipelined, at this
+    pair's acceptance of about 0.5, the model prefers frames of 1-2 tokens at both delays)."""
     upstream_port = int(verifier_for("llama").address.rsplit(":", 1)[1])
     mean_length = {}
     with run_in_thread("127.0.0.1", upstream_port) as link:
@@ -97,9 +99,7 @@ def test_auto_draft_is_lossless_and_drafts_longer_over_a_slower_link(
                 mean_length[rtt_ms, pipeline] = drafted / rounds
                 # the emulated delay, plus what gRPC and two shared cores add to a round trip
                 assert 0.8 * rtt_ms / 1000 <= decoder.costs.costs().rtt_s < rtt_ms / 1000 + 0.1
-    for pipeline in (False, True):
-        assert mean_length[60.0, pipeline] > mean_length[0.0, pipeline], mean_length
-    assert mean_length[60.0, False] > 4, mean_length  # past the default draft length: the choice is the length
+    assert mean_length[60.0, False] > max(mean_length[0.0, False], 4.0), mean_length  # past the default length
 
 
 def test_auto_draft_refuses_trees() -> None:
