@@ -10,6 +10,8 @@ session_errors      sessions ended with an error status (any code; by code: sess
                     a client's cancel counts as CANCELLED, a normal end never counts
 frames              draft frames answered (stale ones included)
 stale_frames        frames answered ``stale`` without verification
+merged_frames       frames judged in their predecessor's target pass (a merged continuation: a pass saved)
+bonus_kept          pipelined frames whose bonus was sent instead of deferred (greedy, ``keeps_bonus``)
 verified_tokens     draft tokens judged by the target
 accepted_tokens     draft tokens accepted
 committed_tokens    committed tokens appended (labelled, not judged)
@@ -46,6 +48,12 @@ class VerifierMetrics:
         self.session_errors = Counter(f"{_PREFIX}_session_errors", "Sessions ended by an error", ["code"], registry=r)
         self.frames = Counter(f"{_PREFIX}_frames", "Draft frames answered", registry=r)
         self.stale_frames = Counter(f"{_PREFIX}_stale_frames", "Stale draft frames", registry=r)
+        self.merged_frames = Counter(
+            f"{_PREFIX}_merged_frames", "Frames judged in their predecessor's target pass", registry=r
+        )
+        self.bonus_kept = Counter(
+            f"{_PREFIX}_bonus_kept", "Pipelined frames whose bonus was sent instead of deferred", registry=r
+        )
         self.verified_tokens = Counter(f"{_PREFIX}_verified_tokens", "Draft tokens verified", registry=r)
         self.accepted_tokens = Counter(f"{_PREFIX}_accepted_tokens", "Draft tokens accepted", registry=r)
         self.committed_tokens = Counter(f"{_PREFIX}_committed_tokens", "Committed tokens appended", registry=r)
@@ -89,6 +97,8 @@ class VerifierMetrics:
             "session_errors": summed("session_errors_total", "code"),
             "frames": value("frames_total"),
             "stale_frames": value("stale_frames_total"),
+            "merged_frames": value("merged_frames_total"),
+            "bonus_kept": value("bonus_kept_total"),
             "verified_tokens": value("verified_tokens_total"),
             "accepted_tokens": value("accepted_tokens_total"),
             "committed_tokens": value("committed_tokens_total"),

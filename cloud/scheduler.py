@@ -14,6 +14,8 @@ Policy (after SpecEdge's lessons, docs/architecture.md "Cloud verifier"):
   first), so a short handshake waits for at most one chunk of the long prompts ahead of it,
   not for all of them; a prefill waiting longer than ``prefill_max_wait_s`` goes first
   (oldest first), so no prompt is starved by a stream of shorter ones;
+* a step may be *regrown* when its batch is taken (``step(row, regrow)``): the verify loop
+  merges a continuation that arrived while the step waited (docs/architecture.md "Pipelining");
 * the target runs in one worker thread, so the event loop keeps serving streams while it
   computes, and forward passes never overlap.
 
@@ -48,11 +50,19 @@ class BatchPolicy:
     prefill_max_wait_s: float = 0.5  # past this wait a prefill is served oldest-first, whatever its length
 
 
+Regrow = Callable[[], ForwardRow | None]  # a step's replacement row when its batch is taken, or None
+
+
 @dataclass(frozen=True)
 class _Job:
     row: ForwardRow
     future: asyncio.Future[ForwardOutput]
     arrived_s: float
+    regrow: Regrow | None = None
+
+    def final_row(self) -> ForwardRow:
+        """The row to run: :attr:`regrow`'s replacement, if any, else the submitted one."""
+        return (self.regrow() if self.regrow is not None else None) or self.row
 
 
 @dataclass
@@ -125,12 +135,15 @@ class BatchScheduler:
         self._wake.set()
         return await future
 
-    async def step(self, row: ForwardRow) -> ForwardOutput:
-        """One verify or generate step of a session, batched with others' steps."""
+    async def step(self, row: ForwardRow, regrow: Regrow | None = None) -> ForwardOutput:
+        """One verify or generate step of a session, batched with others' steps.
+
+        ``regrow``: called once when the step's batch is taken; a row it returns runs instead of ``row``.
+        """
         if self._task is None:
             raise RuntimeError("the scheduler is not running")
         future: asyncio.Future[ForwardOutput] = asyncio.get_running_loop().create_future()
-        self._steps.append(_Job(row=row, future=future, arrived_s=self._clock()))
+        self._steps.append(_Job(row=row, future=future, arrived_s=self._clock(), regrow=regrow))
         self._wake.set()
         return await future
 
@@ -208,7 +221,7 @@ class BatchScheduler:
         """Run one step batch; returns its forward's seconds."""
         started = self._clock()
         try:
-            outputs = await self._forward([job.row for job in batch], phase="step")
+            outputs = await self._forward([job.final_row() for job in batch], phase="step")
         except Exception as error:  # a failed forward fails its sessions, not the server
             for job in batch:
                 if not job.future.done():

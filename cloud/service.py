@@ -4,6 +4,7 @@ One ``Decode`` call is one session::
 
     read SessionOpen -> validate -> admit -> prefill -> SessionReady
     VERIFY:   per DraftFrame, in order: stale? -> validate -> target step -> judge -> Verdict
+              (a queued continuation shares its predecessor's step: two verdicts, in order)
     GENERATE: per token: target step -> choose -> GeneratedTokens ... -> SessionDone
 
 A reader task parses incoming frames into a small bounded inbox (so gRPC flow control
@@ -42,11 +43,12 @@ from tandemspec.cloud.session import (
     client_key,
     invalid,
     session_token_budget,
+    split_merged,
     validate_frame,
     validate_open,
 )
 from tandemspec.cloud.target import ForwardRow
-from tandemspec.cloud.verify import generate_token, judge_frame
+from tandemspec.cloud.verify import Stream, generate_token, judge_frame, merge_frames
 from tandemspec.cloud.wire import parse_edge_frame
 from tandemspec.protos import codec
 from tandemspec.protos import tandem_pb2 as pb
@@ -74,6 +76,25 @@ class _EndOfStream:
 
 _END = _EndOfStream()
 _InboxItem: TypeAlias = SessionOpen | DraftFrame | SessionClose | SessionError | _EndOfStream
+
+
+class _Inbox:
+    """A session's inbox with one message of lookahead (a queued continuation is read early)."""
+
+    def __init__(self, queue: asyncio.Queue[_InboxItem]) -> None:
+        self.queue = queue
+        self.held: _InboxItem | None = None
+
+    def peek(self) -> _InboxItem | None:
+        """The next message if one has arrived, left to be read."""
+        if self.held is None and not self.queue.empty():
+            self.held = self.queue.get_nowait()
+        return self.held
+
+    def take(self) -> _InboxItem | None:
+        """The message :meth:`peek` returned, now read."""
+        held, self.held = self.held, None
+        return held
 
 
 class _StreamGone(Exception):
@@ -113,8 +134,9 @@ class VerifierService:
 
     async def decode(self, requests: object, context: grpc.aio.ServicerContext) -> None:
         """One session on a bidirectional stream of raw ``EdgeFrame`` bytes."""
-        inbox: asyncio.Queue[_InboxItem] = asyncio.Queue(maxsize=_INBOX_FRAMES)
-        reader = asyncio.create_task(_read_frames(context, inbox))
+        queue: asyncio.Queue[_InboxItem] = asyncio.Queue(maxsize=_INBOX_FRAMES)
+        reader = asyncio.create_task(_read_frames(context, queue))
+        inbox = _Inbox(queue)
         try:
             await self._serve_session(inbox, context)
         except SessionError as error:
@@ -131,7 +153,7 @@ class VerifierService:
         finally:
             reader.cancel()
 
-    async def _serve_session(self, inbox: asyncio.Queue[_InboxItem], context: grpc.aio.ServicerContext) -> None:
+    async def _serve_session(self, inbox: _Inbox, context: grpc.aio.ServicerContext) -> None:
         first = await self._next(inbox)
         if isinstance(first, _EndOfStream):
             return
@@ -199,9 +221,7 @@ class VerifierService:
         ready = SessionReady(session_id=session.id, prompt_length=session.prompt_length, prefill_ms=prefill_ms)
         await _write(context, codec.encode_cloud_frame(ready))
 
-    async def _verify_loop(
-        self, session: Session, inbox: asyncio.Queue[_InboxItem], context: grpc.aio.ServicerContext
-    ) -> None:
+    async def _verify_loop(self, session: Session, inbox: _Inbox, context: grpc.aio.ServicerContext) -> None:
         while True:
             item = await self._next(inbox, session)
             if isinstance(item, _EndOfStream | SessionClose):
@@ -209,30 +229,74 @@ class VerifierService:
                 return
             if isinstance(item, SessionOpen):
                 raise invalid("a second SessionOpen in one session")
-            verdict = await self._verify(session, item)
-            await _write(context, codec.encode_cloud_frame(verdict))
+            for verdict in await self._verify(session, item, inbox):
+                await _write(context, codec.encode_cloud_frame(verdict))
 
-    async def _verify(self, session: Session, frame: DraftFrame) -> Verdict:
-        """prefill'd context + frame -> target step -> judge -> rollback: the verdict."""
+    async def _verify(self, session: Session, frame: DraftFrame, inbox: _Inbox) -> list[Verdict]:
+        """prefill'd context + frame (+ its queued continuation) -> target step -> judge -> rollback: the verdicts."""
         self._metrics.frames.inc()
-        if frame.epoch < session.epoch:
+        rebased = session.rebase_on_bonus(frame) if frame.epoch >= session.epoch else None
+        session.bonus_kept = False
+        if rebased is None:  # an older epoch's frame, or a continuation that does not start with the bonus
             self._metrics.stale_frames.inc()
-            return session.stale_verdict(frame)
-        validate_frame(frame, session, self._rules)
-        output = await self._scheduler.step(session.step_row(frame))
-        start = time.perf_counter()
-        outcome = judge_frame(output.logits, frame, session.open.sampling, session.open.return_top_k)
-        compute_ms = output.compute_ms + (time.perf_counter() - start) * 1e3
-        self._metrics.verified_tokens.inc(len(frame.draft_ids))
-        self._metrics.accepted_tokens.inc(outcome.num_accepted)
-        self._metrics.committed_tokens.inc(len(frame.committed_ids))
-        return session.apply_verdict(frame, outcome, output.kv, compute_ms)
+            return [session.stale_verdict(frame)]
+        first = rebased.frame
+        validate_frame(first, session, self._rules)
+        merged: list[tuple[DraftFrame, DraftFrame, tuple[Stream, ...]]] = []
 
-    async def _generate_loop(
-        self, session: Session, inbox: asyncio.Queue[_InboxItem], context: grpc.aio.ServicerContext
-    ) -> None:
+        def regrow() -> ForwardRow | None:
+            """When the step's batch is taken: merge the continuation if it has arrived meanwhile."""
+            later = self._queued_continuation(session, first, inbox)
+            if later is None:
+                return None
+            judged, streams = merge_frames(first, later)
+            merged.append((judged, later, streams))
+            return session.step_row(judged)
+
+        output = await self._scheduler.step(session.step_row(first), regrow if first.expects_continuation else None)
+        judged, later, streams = merged[0] if merged else (first, None, ())
+        start = time.perf_counter()
+        sampling, top_k = session.open.sampling, session.open.return_top_k
+        defer = session.defers_bonus(judged)
+        outcome = judge_frame(output.logits, judged, sampling, top_k, defer_bonus=defer, streams=streams)
+        compute_ms = output.compute_ms + (time.perf_counter() - start) * 1e3
+        self._metrics.verified_tokens.inc(len(judged.draft_ids))
+        self._metrics.accepted_tokens.inc(outcome.num_accepted)
+        self._metrics.committed_tokens.inc(len(judged.committed_ids))
+        epoch_before = session.epoch
+        verdict = session.apply_verdict(judged, outcome, output.kv, compute_ms)
+        if judged.expects_continuation and outcome.fully_accepted and not defer:
+            session.bonus_kept = True  # the next frame may be a continuation drafted before this bonus
+            self._metrics.bonus_kept.inc()
+        if later is None:
+            return [rebased.verdict_for_sent(verdict, frame)]
+        verdicts = split_merged(verdict, first, later, epoch_before)
+        if verdicts[1].stale:  # its predecessor was not fully accepted
+            self._metrics.stale_frames.inc()
+        else:
+            self._metrics.merged_frames.inc()
+        return [rebased.verdict_for_sent(verdicts[0], frame), verdicts[1]]
+
+    def _queued_continuation(self, session: Session, first: DraftFrame, inbox: _Inbox) -> DraftFrame | None:
+        """The continuation of ``first`` if it has already arrived and may share its pass (read from the inbox)."""
+        if not first.expects_continuation:
+            return None
+        later = inbox.peek()
+        if not isinstance(later, DraftFrame) or not session.is_continuation(later, first):
+            return None
+        if first.position + first.num_tokens + later.num_tokens + 1 > session.max_tokens:
+            return None  # the pass would feed past the session's budget (a tree's off-tip nodes)
+        try:
+            validate_frame(later, session, self._rules, position=later.position)
+        except SessionError:
+            return None  # refused in its own turn, after its predecessor's verdict
+        inbox.take()
+        self._metrics.frames.inc()
+        return later
+
+    async def _generate_loop(self, session: Session, inbox: _Inbox, context: grpc.aio.ServicerContext) -> None:
         while (reason := session.generation_done()) is None:
-            if _close_requested(inbox):
+            if _close_requested(inbox.queue):
                 reason = "cancelled"
                 break
             if self._clock() >= session.expires_s:
@@ -244,15 +308,15 @@ class VerifierService:
             await _write(context, codec.encode_cloud_frame(GeneratedTokens(ids=(token,), compute_ms=output.compute_ms)))
         await self._finish(session, context, SessionDone(reason=reason, num_generated=session.num_generated))
 
-    async def _next(
-        self, inbox: asyncio.Queue[_InboxItem], session: Session | None = None
-    ) -> codec.EdgeMessage | _EndOfStream:
+    async def _next(self, inbox: _Inbox, session: Session | None = None) -> codec.EdgeMessage | _EndOfStream:
         """The next edge message; a session silent for ``session_idle_s`` or past its TTL is ended."""
         remaining_s = math.inf if session is None else session.expires_s - self._clock()
         if remaining_s <= 0:
             raise self._expired()
         try:
-            item = await asyncio.wait_for(inbox.get(), min(self._idle_s, remaining_s))
+            held = inbox.take()
+            wait_s = min(self._idle_s, remaining_s)
+            item = held if held is not None else await asyncio.wait_for(inbox.queue.get(), wait_s)
         except TimeoutError as error:
             if remaining_s <= self._idle_s:
                 raise self._expired() from error

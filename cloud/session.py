@@ -95,13 +95,18 @@ def check_ids(ids: tuple[int, ...], vocab_size: int, what: str, seq: int = 0) ->
         raise invalid(f"{what} holds id {bad[0]} outside the vocabulary of {vocab_size}", seq)
 
 
-def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules) -> None:
-    """Check a current (not stale) frame against the session and the limits."""
+def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules, position: int | None = None) -> None:
+    """Check a current (not stale) frame against the session and the limits.
+
+    ``position``: where the frame must start (default: the session's committed length; a
+    continuation checked for merging starts where its predecessor's tip ends).
+    """
     seq, limits = frame.seq, rules.limits
+    expected = session.committed_length if position is None else position
     if frame.epoch > session.epoch:
         raise invalid(f"frame epoch {frame.epoch} is ahead of the session's epoch {session.epoch}", seq)
-    if frame.position != session.committed_length:
-        raise invalid(f"frame position {frame.position} != committed length {session.committed_length}", seq)
+    if frame.position != expected:
+        raise invalid(f"frame position {frame.position} != committed length {expected}", seq)
     for what, ids in (("draft_ids", frame.draft_ids), ("committed_ids", frame.committed_ids)):
         if len(ids) > limits.max_draft_tokens:
             raise invalid(f"{len(ids)} {what} exceed max_draft_tokens {limits.max_draft_tokens}", seq)
@@ -111,7 +116,7 @@ def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules) -> 
         _check_draft_dists(frame, rules)
     # The request's own length, not the server's load: OUT_OF_RANGE (the edge may go on in a
     # fresh session), never RESOURCE_EXHAUSTED (which reads as "busy").
-    needed = session.committed_length + frame.num_tokens + 1
+    needed = expected + frame.num_tokens + 1
     if needed > session.max_tokens:
         raise SessionError(
             grpc.StatusCode.OUT_OF_RANGE,
@@ -183,6 +188,9 @@ class Session:
         self.kv = SessionKV.empty()
         self.epoch = 0
         self.num_generated = 0
+        # The last verdict sent a pipelined frame's bonus (greedy, keeps_bonus): the next frame
+        # may be that frame's continuation, one position back (see :meth:`rebase_on_bonus`).
+        self.bonus_kept = False
 
     @property
     def kind(self) -> SessionKind:
@@ -222,6 +230,53 @@ class Session:
             parents = chain_parents(base) + tuple(base + parent for parent in frame.parents)
         num_judged = 1 + frame.num_tokens  # the pending token, then committed and draft tokens
         return ForwardRow(self.kv, input_ids, num_logits=num_judged, parents=parents)
+
+    def defers_bonus(self, frame: DraftFrame) -> bool:
+        """Whether a fully accepted ``frame`` gets no bonus: it expects a continuation, and the
+        session is not a greedy one whose edge keeps the bonus. A frame with no draft tokens
+        (gated mode's labels-only frame) always defers, and so does a session that asked for
+        the target's top-k (its labelled positions stay those of the frames sent)."""
+        opened = self.open
+        keeps = opened.keeps_bonus and opened.sampling.is_greedy and not opened.return_top_k and bool(frame.draft_ids)
+        return frame.expects_continuation and not keeps
+
+    def is_continuation(self, frame: DraftFrame, of: DraftFrame) -> bool:
+        """Whether ``frame`` continues ``of`` from its tip, in the same epoch: it can share ``of``'s pass."""
+        if not of.draft_ids or not of.expects_continuation or frame.committed_ids or frame.epoch != of.epoch:
+            return False
+        tip = DraftTree.of(of.parents, len(of.draft_ids)).tip_path()
+        return frame.position == of.position + len(of.committed_ids) + len(tip)
+
+    def rebase_on_bonus(self, frame: DraftFrame) -> Rebased | None:
+        """The bonus rule, after a verdict that sent a pipelined frame's bonus (``bonus_kept``).
+
+        ``frame`` at one position before the committed length was drafted on that frame's tip
+        before the bonus was known. It stays live when its tip path starts with the bonus: the
+        bonus is then that root, and what is left to verify is the root's subtree, from the
+        committed length (:class:`Rebased`); otherwise it is stale (None). A frame elsewhere is
+        not a continuation and is returned as it is. The edge applies the same rule.
+        """
+        if not self.bonus_kept or frame.position != self.committed_length - 1 or frame.committed_ids:
+            return Rebased(frame, ())
+        tree = DraftTree.of(frame.parents, len(frame.draft_ids))
+        root = tree.tip_path()[0] if frame.draft_ids else -1
+        if root < 0 or frame.draft_ids[root] != self.tokens[-1]:
+            return None
+        kept = [root]  # the root's subtree, in frame order (parents before children)
+        for i in range(root + 1, len(frame.draft_ids)):
+            if tree.parents[i] in kept:
+                kept.append(i)
+        nodes = tuple(kept[1:])
+        index = {node: i for i, node in enumerate(nodes)}
+        parents = tuple(index.get(tree.parents[n], -1) for n in nodes)
+        rebased = dataclasses.replace(
+            frame,
+            position=frame.position + 1,
+            draft_ids=tuple(frame.draft_ids[n] for n in nodes),
+            draft_dists=tuple(frame.draft_dists[n] for n in nodes) if frame.draft_dists else (),
+            parents=() if DraftTree(parents).is_chain else parents,
+        )
+        return Rebased(rebased, (root, *nodes))
 
     def stale_verdict(self, frame: DraftFrame) -> Verdict:
         """Answer to a frame drafted before the latest rollback: not verified."""
@@ -271,6 +326,77 @@ class Session:
         if self.committed_length + 1 > self.max_tokens:
             return "context"
         return None
+
+
+@dataclass(frozen=True)
+class Rebased:
+    """A frame as it is verified, and how its draft tokens map back to the frame the edge sent.
+
+    ``origin`` empty: the frame is the edge's own. Else ``origin[0]`` is the sent frame's root
+    that the bonus already committed and ``origin[1 + i]`` the sent index of draft token ``i``.
+    """
+
+    frame: DraftFrame
+    origin: tuple[int, ...]
+
+    def verdict_for_sent(self, verdict: Verdict, sent: DraftFrame) -> Verdict:
+        """``verdict`` (of :attr:`frame`) restated for ``sent``: the root first on the path, labels per sent token."""
+        if not self.origin:
+            return verdict
+        root, nodes = self.origin[0], self.origin[1:]
+        path = (root, *(nodes[i] for i in verdict.accepted_path))
+        labels = [False] * len(sent.draft_ids)  # tokens off the root's subtree were never fed: not accepted
+        labels[root] = True  # the root is the target's own token (the bonus)
+        for i, label in enumerate(verdict.labels):
+            labels[nodes[i]] = label
+        chain = path == tuple(range(len(path)))
+        return dataclasses.replace(
+            verdict, num_accepted=len(path), labels=tuple(labels), accepted_nodes=() if chain else path
+        )
+
+
+def split_merged(verdict: Verdict, first: DraftFrame, later: DraftFrame, epoch_before: int) -> tuple[Verdict, Verdict]:
+    """The verdict of a merged frame (:func:`~tandemspec.cloud.verify.merge_frames`) as the two
+    frames' verdicts: ``first``'s (no bonus when its tip was reached: ``later`` continued it)
+    and ``later``'s (``shared_pass``), or ``later`` stale when ``first`` was not fully accepted.
+    ``epoch_before``: the session's epoch before the pass."""
+    m, k = len(first.committed_ids), len(first.draft_ids)
+    path = verdict.accepted_path
+    first_path = tuple(i for i in path if i < k)
+    if k - 1 not in first_path:  # first stopped short of its tip: the verdict is all first's
+        own = dataclasses.replace(
+            verdict,
+            labels=verdict.labels[: m + k],
+            target_top_k=verdict.target_top_k[: m + k],
+            accepted_nodes=() if first_path == tuple(range(len(first_path))) else first_path,
+        )
+        stale = Verdict(seq=later.seq, epoch=verdict.epoch, committed_length=verdict.committed_length, stale=True)
+        return own, stale
+    later_path = tuple(i - k for i in path if i >= k)
+    own = Verdict(
+        seq=first.seq,
+        epoch=epoch_before,
+        committed_length=first.position + m + len(first_path),
+        num_committed=m,
+        num_accepted=len(first_path),
+        labels=verdict.labels[: m + k],
+        target_top_k=verdict.target_top_k[: m + k],
+        compute_ms=verdict.compute_ms,
+        accepted_nodes=() if first_path == tuple(range(len(first_path))) else first_path,
+    )
+    continued = Verdict(
+        seq=later.seq,
+        epoch=verdict.epoch,
+        committed_length=verdict.committed_length,
+        num_accepted=len(later_path),
+        next_token=verdict.next_token,
+        labels=verdict.labels[m + k :],
+        target_top_k=verdict.target_top_k[m + k :],
+        compute_ms=verdict.compute_ms,
+        accepted_nodes=() if later_path == tuple(range(len(later_path))) else later_path,
+        shared_pass=True,
+    )
+    return own, continued
 
 
 def session_token_budget(message: SessionOpen, limits: Limits) -> int:

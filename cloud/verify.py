@@ -29,6 +29,13 @@ processed distribution is a one-hot that would teach a drafter nothing.
 The logits stay torch tensors where the target ran; :mod:`tandemspec.cloud.probs` computes
 what is needed there and the acceptance rule itself is :mod:`tandemspec.sampling`'s, so only
 argmaxes, p of the draft tokens and drawn ids come to the host.
+
+Merged continuations (:func:`merge_frames`): a pipelined frame and its queued continuation
+are judged as one frame whose tree hangs the continuation's roots under the first frame's
+tip (two chains make one longer chain). Each part keeps its own random stream (``streams``:
+uniforms drawn per part, and the correction or bonus from the part whose rows the walk
+stopped in), so a merged judgement makes exactly the draws, and decisions, of the two
+frames judged one after the other with the first's bonus deferred.
 """
 
 from __future__ import annotations
@@ -59,12 +66,52 @@ class FrameOutcome:
         return len(self.path)
 
 
-def judge_frame(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParams, return_top_k: int) -> FrameOutcome:
-    """Verify ``frame`` given the target's ``logits``: [1 + m + k, vocab] (see module doc)."""
+Stream = tuple[int, int]  # a merged frame's part: (index of its first draft token, its first draft position)
+
+
+def merge_frames(first: DraftFrame, continuation: DraftFrame) -> tuple[DraftFrame, tuple[Stream, ...]]:
+    """``first`` and its ``continuation`` as one frame (the continuation's roots under ``first``'s tip), and the
+    parts' random streams for :func:`judge_frame`. ``continuation`` carries no committed tokens."""
+    k = len(first.draft_ids)
+    assert k and not continuation.committed_ids, (first, continuation)
+    later = DraftTree.of(continuation.parents, len(continuation.draft_ids)).parents
+    parents = DraftTree.of(first.parents, k).parents + tuple(k - 1 if p < 0 else k + p for p in later)
+    merged = DraftFrame(
+        seq=first.seq,
+        epoch=first.epoch,
+        position=first.position,
+        committed_ids=first.committed_ids,
+        draft_ids=first.draft_ids + continuation.draft_ids,
+        draft_dists=first.draft_dists + continuation.draft_dists,
+        expects_continuation=continuation.expects_continuation,
+        parents=() if DraftTree(parents).is_chain else parents,
+    )
+    return merged, (own_stream(first)[0], (k, continuation.position))
+
+
+def own_stream(frame: DraftFrame) -> tuple[Stream]:
+    """A frame judged alone: one part, seeded at its first draft token's position."""
+    return ((0, frame.position + len(frame.committed_ids)),)
+
+
+def judge_frame(
+    logits: torch.Tensor,
+    frame: DraftFrame,
+    sampling: SamplingParams,
+    return_top_k: int,
+    defer_bonus: bool | None = None,
+    streams: tuple[Stream, ...] = (),
+) -> FrameOutcome:
+    """Verify ``frame`` given the target's ``logits``: [1 + m + k, vocab] (see module doc).
+
+    ``defer_bonus``: no bonus after a fully accepted frame (default: ``frame.expects_continuation``).
+    ``streams``: the parts of a merged frame (:func:`merge_frames`); default the frame alone.
+    """
     m, k = len(frame.committed_ids), len(frame.draft_ids)
     assert logits.shape[0] == 1 + m + k, (tuple(logits.shape), m, k)
     committed_labels = label_committed(logits[:m], frame.committed_ids)
-    judgement = judge_draft(logits[m:], frame, sampling)
+    defer = frame.expects_continuation if defer_bonus is None else defer_bonus
+    judgement = judge_draft(logits[m:], frame, sampling, defer, streams or own_stream(frame))
     top_k = target_top_k(logits[: m + k], sampling, return_top_k)
     return FrameOutcome(
         num_committed=m,
@@ -84,25 +131,39 @@ def label_committed(logits: torch.Tensor, committed_ids: tuple[int, ...]) -> tup
     return tuple(argmax[i] == token for i, token in enumerate(committed_ids))
 
 
-def judge_draft(logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParams) -> Judgement:
+def judge_draft(
+    logits: torch.Tensor, frame: DraftFrame, sampling: SamplingParams, defer: bool, streams: tuple[Stream, ...]
+) -> Judgement:
     """Greedy or rejection-sampling verification of the draft tokens. ``logits``: [k + 1, vocab]."""
-    defer = frame.expects_continuation
     if sampling.is_greedy:
         argmax = logits.argmax(-1).tolist()  # host sync: k + 1 ints
         return verify_greedy(argmax, frame.draft_ids, defer_bonus=defer, parents=frame.parents)
-    first_draft_position = frame.position + len(frame.committed_ids)
-    rng = seeded_rng(sampling.seed, first_draft_position)
-    return verify_sampling(dist.process_probs(logits, sampling), frame, rng)
+    rngs = [(start, seeded_rng(sampling.seed, position)) for start, position in streams]
+    return verify_sampling(dist.process_probs(logits, sampling), frame, rngs, defer)
 
 
-def verify_sampling(target_probs: torch.Tensor, frame: DraftFrame, rng: np.random.Generator) -> Judgement:
+def verify_sampling(
+    target_probs: torch.Tensor,
+    frame: DraftFrame,
+    rngs: list[tuple[int, np.random.Generator]],
+    defer: bool,
+) -> Judgement:
     """``tandemspec.sampling.verify_sampling`` with p on the device: the same draws, in the same order.
 
     ``target_probs``: [k + 1, vocab] processed p per row (see :class:`~tandemspec.sampling.DraftTree`).
+    ``rngs``: per part (index of its first draft token, its stream), in order; one part: the frame.
+    A part's tokens take uniforms from its stream; the final draw comes from the part whose
+    rows the walk stopped in (part ``i`` starts at row ``start_i``: the row after the
+    previous part's tip, its last token).
     """
     k = len(frame.draft_ids)
     tree = DraftTree.of(frame.parents, k)
-    uniforms = rng.random(k)
+    ends = [start for start, _ in rngs[1:]] + [k]
+    uniforms = np.concatenate([rng.random(end - start) for (start, rng), end in zip(rngs, ends, strict=True)])
+
+    def stream_of(row: int) -> np.random.Generator:
+        return next(rng for start, rng in reversed(rngs) if start <= row)
+
     rows = torch.tensor(tree.rows(), dtype=torch.long, device=target_probs.device)
     draft = torch.tensor(frame.draft_ids, dtype=torch.long, device=target_probs.device)
     p_draft = target_probs[rows, draft].tolist()  # host sync: k floats
@@ -111,9 +172,9 @@ def verify_sampling(target_probs: torch.Tensor, frame: DraftFrame, rng: np.rando
         row=lambda row: target_probs[row],
         prob=lambda p, token: float(p[token]),  # host sync: one float, only for a second sibling on
         residual=dist.residual,
-        sample=lambda p: dist.sample(p, rng),
+        sample=lambda p, row: dist.sample(p, stream_of(row)),
     )
-    return walk_tree(tree, frame.draft_ids, frame.draft_dists, labels, uniforms, ops, frame.expects_continuation)
+    return walk_tree(tree, frame.draft_ids, frame.draft_dists, labels, uniforms, ops, defer)
 
 
 def target_top_k(logits: torch.Tensor, sampling: SamplingParams, top_k: int) -> tuple[SparseDist, ...]:

@@ -7,7 +7,11 @@ Modes (docs/architecture.md "Decoding modes"):
     arXiv:2302.01318): the drafter proposes a block, the cloud judges every token, the
     output follows the target exactly. With pipelining (depth 1) the next block is drafted
     optimistically and sent before the previous verdict arrives, hiding the round trip;
-    a rejection rolls the drafter back and the in-flight frame comes back stale. With a
+    a rejection rolls the drafter back and the in-flight frame comes back stale. A greedy
+    pipelined frame keeps its bonus (``keep_bonus``): the verifier sends it, and the frame in
+    flight after it stays live only when its tip path starts with that bonus (the *bonus
+    rule*, which the verifier applies too), else it is stale at once; a continuation that is
+    already queued at the verifier shares its predecessor's target pass instead. With a
     tree budget (``tree_budget > 0``) each frame is an EAGLE-2-style draft tree
     (:mod:`tandemspec.edge.tree`) of that many tokens and the verdict names the accepted
     path; a pipelined frame then assumes the path to the tree's tip accepted.
@@ -42,6 +46,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tandemspec.edge.autodraft import CostEstimator
 from tandemspec.edge.client import (
     CLOSE_GRACE_S,
     CloudBusy,
@@ -99,6 +104,13 @@ class DecoderConfig:
     # the best of the shapes tried on the reference pair (docs/trees.md)
     tree_top_k: int = 2
     tree_depth: int = 16
+    # greedy pipelining: the verifier sends a pipelined frame's bonus and both sides apply the
+    # bonus rule (docs/architecture.md "Pipelining"); False: the bonus is deferred
+    keep_bonus: bool = True
+    # lossless chains: choose each frame's draft length (up to auto_max_draft) from the measured
+    # round trip, verify cost, drafter cost and acceptance (edge/autodraft.py); draft_length is unused
+    auto_draft: bool = False
+    auto_max_draft: int = 16
 
     def __post_init__(self) -> None:
         if self.draft_length < 1 or self.max_support < 1:
@@ -107,6 +119,8 @@ class DecoderConfig:
             raise ValueError("tree_budget must be >= 0, tree_top_k and tree_depth >= 1")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
+        if self.auto_draft and (self.tree_budget or self.auto_max_draft < 1):
+            raise ValueError("auto_draft chooses chain lengths: it needs tree_budget 0 and auto_max_draft >= 1")
 
 
 @dataclass(frozen=True)
@@ -164,8 +178,11 @@ class HybridDecoder:
         self.client = client
         self.config = config or DecoderConfig()
         self.log = log
-        self.policy = policy or FixedLength(self.config.draft_length)
+        config = self.config
+        self.policy = policy or FixedLength(config.auto_max_draft if config.auto_draft else config.draft_length)
         self.gate = gate  # gated mode's trust decision
+        # What rounds cost on this decoder's link and verifier, kept across generations (auto_draft).
+        self.costs = CostEstimator()
         # The session this decoder ended last: the next one opens once the verifier has ended
         # it (its SessionDone), so back-to-back generations never find their own slot still held.
         self.closing_stream: DecodeStream | None = None
@@ -192,6 +209,17 @@ class _SentFrame:
     frame: DraftFrame
     features: np.ndarray | None  # [m + k, feature_dim] when logging: committed tokens, then drafts
     stale: bool = False
+    # The bonus rule kept it live: the index of its draft token that the previous verdict's
+    # bonus already committed (the first of its tip path), else None.
+    bonus_root: int | None = None
+    sent_s: float = 0.0  # perf_counter when sent
+    alone: bool = False  # sent with no live frame in flight: its verdict times a clean round trip
+
+    def tip_path(self) -> list[int]:
+        """Its draft tokens the next frame assumes accepted and not yet committed."""
+        frame = self.frame
+        path = DraftTree.of(frame.parents, len(frame.draft_ids)).tip_path()
+        return path[1:] if self.bonus_root is not None else path
 
 
 @dataclass
@@ -315,6 +343,7 @@ class _Generation:
                 return_top_k=self.decoder.config.return_top_k,
                 stop_ids=stop_ids,
                 client_id=self.decoder.config.client_id,
+                keeps_bonus=self.decoder.config.keep_bonus and kind is SessionKind.VERIFY,
             )
         )
         ready = self.stream.recv()
@@ -361,7 +390,8 @@ class _Generation:
     def _size_verify(self, limits: Limits) -> None:
         """Fit draft length, q support and the generation's length to the verifier's limits."""
         config = self.decoder.config
-        self.max_draft = max(1, min(config.draft_length, limits.max_draft_tokens or config.draft_length))
+        wanted = config.auto_max_draft if config.auto_draft else config.draft_length
+        self.max_draft = max(1, min(wanted, limits.max_draft_tokens or wanted))
         self.max_frame = limits.max_draft_tokens or config.tree_budget  # draft tokens one frame may carry
         self.max_support = max(1, min(config.max_support, limits.max_support or config.max_support))
         if limits.max_context_tokens:
@@ -412,8 +442,7 @@ class _Generation:
         tip = list(self.committed)
         for sent in self.in_flight:
             if not sent.stale:
-                frame = sent.frame
-                tip.extend(frame.draft_ids[i] for i in DraftTree.of(frame.parents, len(frame.draft_ids)).tip_path())
+                tip.extend(sent.frame.draft_ids[i] for i in sent.tip_path())
         return tip
 
     def _fill_pipeline(self) -> None:
@@ -424,6 +453,8 @@ class _Generation:
         """
         config = self.decoder.config
         depth = 2 if config.pipeline else 1
+        # A kept bonus comes with the frame's verdict: a frame whose tip and bonus reach the limit is the last.
+        bonus = int(config.keep_bonus and self.sampling.is_greedy)
         while sum(not s.stale for s in self.in_flight) < depth:
             live = [s for s in self.in_flight if not s.stale]
             if live and not live[-1].frame.expects_continuation:
@@ -435,10 +466,11 @@ class _Generation:
             if self.tree_budget:
                 block = self._draft_tree(tip, min(self.tree_budget, self.max_frame, room))
                 tip_depth = len(DraftTree(block.parents).tip_path())
-                is_last = block.ids[-1] in self.eos or len(tip) + tip_depth >= self.session_limit
+                is_last = block.ids[-1] in self.eos or len(tip) + tip_depth + bonus >= self.session_limit
             else:
-                block = self._draft(tip, min(self.max_draft, room), since_check=len(tip) - len(self.committed))
-                is_last = block.ends_with_eos or len(tip) + len(block.ids) >= self.session_limit
+                length = self.decoder.costs.choose(self.max_draft, depth > 1) if config.auto_draft else self.max_draft
+                block = self._draft(tip, min(length, room), since_check=len(tip) - len(self.committed))
+                is_last = block.ends_with_eos or len(tip) + len(block.ids) + bonus >= self.session_limit
             self._send(len(tip), block, expects_continuation=depth > 1 and not is_last)
 
     def _draft(
@@ -480,7 +512,9 @@ class _Generation:
             logits, hidden = self.drafter.extend([token])
             logits_row, hidden_row = logits[-1], hidden[-1]
         block_features = np.stack(rows) if rows and self.decoder.log is not None else None
-        self.stats.draft_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.stats.draft_s += elapsed
+        self.decoder.costs.observe_draft(elapsed, len(ids))
         return _Block(ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos)
 
     def _draft_tree(self, tip: list[int], budget: int) -> _Block:
@@ -522,10 +556,13 @@ class _Generation:
             parents=block.parents,
         )
         self.seq += 1
+        alone = all(s.stale for s in self.in_flight)  # stale frames cost the verifier no pass
+        sent_s = time.perf_counter()
         self.stream.send(frame)
         self.stats.num_cloud_frames += 1
         parts = [f for f in (committed_features, block.features) if f is not None]
-        self.in_flight.append(_SentFrame(frame=frame, features=np.concatenate(parts) if parts else None))
+        features = np.concatenate(parts) if parts else None
+        self.in_flight.append(_SentFrame(frame=frame, features=features, sent_s=sent_s, alone=alone))
 
     def _await_verdict(self, stream: DecodeStream) -> None:
         message = stream.recv()
@@ -537,30 +574,48 @@ class _Generation:
         if message.stale or sent.stale:
             self.stats.num_stale_frames += 1
             return
+        self._observe_costs(sent, message)
         self._commit(sent, message)
+
+    def _observe_costs(self, sent: _SentFrame, verdict: Verdict) -> None:
+        """Feed the decoder's cost estimates (auto_draft): the round trip, and a chain round's pass and acceptance."""
+        costs, frame = self.decoder.costs, sent.frame
+        compute_s = verdict.compute_ms / 1000.0
+        if sent.alone:
+            costs.observe_rtt(time.perf_counter() - sent.sent_s - compute_s)
+        if frame.draft_ids and not frame.parents and not frame.committed_ids and not verdict.shared_pass:
+            known = 0 if sent.bonus_root is None else 1  # a kept continuation's root was judged earlier
+            num_draft = len(frame.draft_ids) - known
+            costs.observe_round(num_draft, verdict.num_accepted - known, verdict.fully_accepted, compute_s)
 
     def _commit(self, sent: _SentFrame, verdict: Verdict) -> None:
         """Apply an authoritative verdict: emit accepted tokens and the correction or bonus."""
         frame = sent.frame
-        if frame.position + len(frame.committed_ids) != len(self.committed):
+        known = 0 if sent.bonus_root is None else 1  # the root the previous verdict's bonus committed
+        if frame.position + len(frame.committed_ids) + known != len(self.committed):
             raise CloudRefused(
                 None,
-                f"frame at {frame.position} (+{len(frame.committed_ids)} committed) judged while "
+                f"frame at {frame.position} (+{len(frame.committed_ids) + known} committed) judged while "
                 f"{len(self.committed)} tokens are committed",
             )
         path = verdict.accepted_path
-        if any(not 0 <= i < len(frame.draft_ids) for i in path):
+        if any(not 0 <= i < len(frame.draft_ids) for i in path) or (known and path[:1] != (sent.bonus_root,)):
             raise CloudRefused(None, f"verdict names draft tokens {path} of a frame of {len(frame.draft_ids)}")
-        accepted = [frame.draft_ids[i] for i in path]
+        accepted = [frame.draft_ids[i] for i in path[known:]]
         new = accepted + ([verdict.next_token] if verdict.next_token is not None else [])
-        self.stats.add_verdict(len(frame.draft_ids), verdict)
+        self.stats.add_verdict(len(frame.draft_ids), verdict, known)
         self._log_round(sent, verdict)
         if verdict.committed_length != len(self.committed) + len(new):
             raise CloudRefused(
                 None, f"verdict says {verdict.committed_length} tokens, edge counts {len(self.committed) + len(new)}"
             )
         rejected = not verdict.fully_accepted
-        if rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
+        kept_bonus = frame.expects_continuation and not rejected and verdict.next_token is not None
+        if kept_bonus and verdict.epoch == self.epoch and self.sampling.is_greedy:
+            self.stats.num_bonus_kept += 1
+            self._emit(new)
+            self._apply_bonus_rule(verdict.next_token)
+        elif rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
             # The future the later frames were drafted on is gone: they come back stale.
             for later in self.in_flight:
                 later.stale = True
@@ -569,6 +624,22 @@ class _Generation:
             self._sync_drafter(self.committed)
         else:
             self._emit(new)
+
+    def _apply_bonus_rule(self, bonus: int | None) -> None:
+        """A pipelined frame came back with its bonus: the next live frame, drafted on that frame's
+        tip before the bonus was known, stays live when its tip path starts with the bonus (which
+        then commits that first token); else it and the frames after it are stale (the verifier
+        applies the same rule and spends no pass on them)."""
+        live = [s for s in self.in_flight if not s.stale]
+        if live:
+            first = live[0]
+            root = first.tip_path()[0] if first.frame.draft_ids and first.bonus_root is None else None
+            if root is not None and first.frame.draft_ids[root] == bonus:
+                first.bonus_root = root
+                return
+            for later in live:
+                later.stale = True
+        self._sync_drafter(self.committed)
 
     def _sync_drafter(self, ids: list[int]) -> None:
         """Roll the drafter back to the longest cached prefix of ``ids``, leaving at least one token to feed."""

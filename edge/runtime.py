@@ -55,6 +55,9 @@ class EdgeConfig:
     gate_check_every: int = 16  # verify at least every N tokens (0 = only doubted tokens)
     pipeline: bool = True
     tree_budget: int = 0  # lossless mode: draft trees of this many tokens per frame (0 = chains)
+    # lossless chains: choose each frame's length from the measured round trip, verify and
+    # drafter costs and acceptance, up to 16 (edge/autodraft.py); draft_length is then unused
+    auto_draft: bool = False
     max_support: int = 32
     return_top_k: int = 0
     log_db: Path | None = None
@@ -113,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
             "watch_interval_s", "tree_budget",
         )
     }  # fmt: skip
+    if getattr(args, "auto_draft", False):
+        flags["auto_draft"] = True
     if getattr(args, "no_pipeline", False):
         flags["pipeline"] = False
     return load_config(EdgeConfig, "edge", file=getattr(args, "config", None), flags=flags)
@@ -138,6 +143,7 @@ class LoadedBundle:
             draft_length=config.draft_length,
             pipeline=config.pipeline,
             tree_budget=config.tree_budget,
+            auto_draft=config.auto_draft,
             max_support=config.max_support,
             return_top_k=config.return_top_k,
             client_id=config.client_id,

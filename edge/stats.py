@@ -30,7 +30,9 @@ class GenerationStats:
     mean_accepted_length: float  # tokens committed per verified round (accepted + correction/bonus)
     num_target_passes: int  # target forward passes spent on this generation's tokens
     num_cloud_frames: int  # edge frames sent (handshake and close excluded)
-    num_stale_frames: int  # pipelined frames discarded after a rejection
+    num_stale_frames: int  # pipelined frames discarded after a rejection (or by the bonus rule)
+    num_merged_frames: int  # verdicts judged in an earlier frame's target pass (a merged continuation)
+    num_bonus_kept: int  # pipelined frames whose bonus came with their verdict instead of being deferred
     num_local_tokens: int  # tokens the drafter emitted without verification
     num_trusted: int  # gated mode: tokens emitted on the gate's trust (sent to the cloud as committed)
     cloud_calls_per_token: float
@@ -69,6 +71,8 @@ class StatsCounter:
         self.num_target_passes = 0
         self.num_cloud_frames = 0
         self.num_stale_frames = 0
+        self.num_merged_frames = 0
+        self.num_bonus_kept = 0
         self.num_local_tokens = 0
         self.num_trusted = 0
         self.bytes_up = 0
@@ -85,14 +89,18 @@ class StatsCounter:
         self.fallback_at_token = -1
         self.num_sessions = 0
 
-    def add_verdict(self, num_draft: int, verdict: Verdict) -> None:
-        """Count one authoritative (non-stale) verdict."""
+    def add_verdict(self, num_draft: int, verdict: Verdict, num_known: int = 0) -> None:
+        """Count one authoritative (non-stale) verdict; ``num_known``: its accepted tokens that an
+        earlier verdict already brought (a continuation's root that was that verdict's bonus)."""
         self.num_rounds += 1
-        self.num_target_passes += 1
+        if verdict.shared_pass:
+            self.num_merged_frames += 1
+        else:
+            self.num_target_passes += 1
+            self.verify_compute_s += verdict.compute_ms / 1000.0
         self.num_drafted += num_draft
         self.num_accepted += verdict.num_accepted
-        self.num_verified_tokens += verdict.num_accepted + (verdict.next_token is not None)
-        self.verify_compute_s += verdict.compute_ms / 1000.0
+        self.num_verified_tokens += verdict.num_accepted - num_known + (verdict.next_token is not None)
 
     def add_stream(self, stream: _StreamCounters) -> None:
         """Add the byte counts and wait time of a finished stream."""
@@ -114,6 +122,8 @@ class StatsCounter:
             num_target_passes=self.num_target_passes,
             num_cloud_frames=self.num_cloud_frames,
             num_stale_frames=self.num_stale_frames,
+            num_merged_frames=self.num_merged_frames,
+            num_bonus_kept=self.num_bonus_kept,
             num_local_tokens=self.num_local_tokens,
             num_trusted=self.num_trusted,
             cloud_calls_per_token=self.num_cloud_frames / per_token,

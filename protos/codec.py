@@ -139,6 +139,7 @@ def encode_edge_frame(message: EdgeMessage) -> pb.EdgeFrame:
                 return_top_k=message.return_top_k,
                 stop_ids=message.stop_ids,
                 client_id=message.client_id,
+                keeps_bonus=message.keeps_bonus,
             )
         )
     if isinstance(message, DraftFrame):
@@ -173,6 +174,7 @@ def decode_edge_frame(frame: pb.EdgeFrame) -> EdgeMessage:
             return_top_k=message.return_top_k,
             stop_ids=tuple(message.stop_ids),
             client_id=message.client_id,
+            keeps_bonus=message.keeps_bonus,
         )
     if which == "draft":
         draft = frame.draft
@@ -217,6 +219,7 @@ def encode_cloud_frame(message: CloudMessage) -> pb.CloudFrame:
             compute_ms=message.compute_ms,
             stale=message.stale,
             accepted_nodes=message.accepted_nodes,
+            shared_pass=message.shared_pass,
         )
         if message.next_token is not None:
             verdict.next_token = message.next_token
@@ -251,6 +254,7 @@ def decode_cloud_frame(frame: pb.CloudFrame) -> CloudMessage | pb.Error:
             compute_ms=v.compute_ms,
             stale=v.stale,
             accepted_nodes=tuple(v.accepted_nodes),
+            shared_pass=v.shared_pass,
         )
     if which == "tokens":
         return GeneratedTokens(ids=tuple(frame.tokens.ids), compute_ms=frame.tokens.compute_ms)

@@ -67,7 +67,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("prompt_ids", "sampling", "max_new_tokens", "tokenizer_fingerprint", "kind", "return_top_k", "stop_ids", "client_id")
+    __slots__ = ("prompt_ids", "sampling", "max_new_tokens", "tokenizer_fingerprint", "kind", "return_top_k", "stop_ids", "client_id", "keeps_bonus")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class SessionOpen(_message.Message):
     RETURN_TOP_K_FIELD_NUMBER: _ClassVar[int]
     STOP_IDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEPS_BONUS_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_new_tokens: int
@@ -84,7 +85,8 @@ class SessionOpen(_message.Message):
     return_top_k: int
     stop_ids: _containers.RepeatedScalarFieldContainer[int]
     client_id: str
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., return_top_k: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., client_id: _Optional[str] = ...) -> None: ...
+    keeps_bonus: bool
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., return_top_k: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., client_id: _Optional[str] = ..., keeps_bonus: _Optional[bool] = ...) -> None: ...
 
 class SparseDist(_message.Message):
     __slots__ = ("ids", "probs")
@@ -141,7 +143,7 @@ class SessionReady(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_length: _Optional[int] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "epoch", "committed_length", "num_committed", "num_accepted", "next_token", "labels", "num_labels", "target_top_k", "compute_ms", "stale", "accepted_nodes")
+    __slots__ = ("seq", "epoch", "committed_length", "num_committed", "num_accepted", "next_token", "labels", "num_labels", "target_top_k", "compute_ms", "stale", "accepted_nodes", "shared_pass")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,7 @@ class Verdict(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_NODES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PASS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     epoch: int
     committed_length: int
@@ -166,7 +169,8 @@ class Verdict(_message.Message):
     compute_ms: float
     stale: bool
     accepted_nodes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., committed_length: _Optional[int] = ..., num_committed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_labels: _Optional[int] = ..., target_top_k: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., stale: _Optional[bool] = ..., accepted_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
+    shared_pass: bool
+    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., committed_length: _Optional[int] = ..., num_committed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_labels: _Optional[int] = ..., target_top_k: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., stale: _Optional[bool] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., shared_pass: _Optional[bool] = ...) -> None: ...
 
 class GeneratedTokens(_message.Message):
     __slots__ = ("ids", "compute_ms")

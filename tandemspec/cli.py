@@ -99,7 +99,13 @@ def _dynamic_draft_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tree-budget",
         type=int,
-        help="lossless mode: send EAGLE-2-style draft trees of N tokens per frame, not pipelined (0 = chains; 0)",
+        help="lossless mode: send EAGLE-2-style draft trees of N tokens per frame (0 = chains; 0)",
+    )
+    parser.add_argument(
+        "--auto-draft",
+        action="store_true",
+        help="lossless chains: choose each frame's draft length (1-16) from the measured round trip, verify and "
+        "drafter costs and acceptance (docs/trees.md)",
     )
 
 
@@ -210,8 +216,10 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", help="numbers of concurrent edges (default 1,4,16; quick 1,4)")
     parser.add_argument(
         "--modes",
-        help="comma-separated subset of cloud,local,lossless-sync,lossless,gated,chain,tree (default: all but chain "
-        "and tree; gated runs one operating point per gate kind and quality floor, chain and tree one mode per size)",
+        help="comma-separated subset of cloud,local,lossless-sync,lossless,lossless-defer,lossless-sync-auto,"
+        "lossless-auto,gated,chain,tree (default: cloud,local,lossless-sync,lossless,gated; lossless-defer: pipelined "
+        "with the bonus deferred, as before the bonus rule; *-auto: --auto-draft chains; gated runs one operating "
+        "point per gate kind and quality floor, chain and tree one mode per size)",
     )
     parser.add_argument(
         "--gate-kinds", help="gated: comma-separated trust scores among learned,entropy,top1 (default: all three)"

@@ -285,7 +285,7 @@ def verify_sampling(
             row=lambda row: target_probs[row],
             prob=lambda p, token: float(p[token]),
             residual=residual_distribution,
-            sample=lambda p: sample_dense(p, rng),
+            sample=lambda p, row: sample_dense(p, rng),
         ),
         defer_bonus,
     )
@@ -298,7 +298,9 @@ class TreeOps(Generic[Dist]):
     row: Callable[[int], Dist]  # the processed p of a row
     prob: Callable[[Dist, int], float]  # p(token)
     residual: Callable[[Dist, SparseDist], Dist]  # norm(max(p - q, 0))
-    sample: Callable[[Dist], int]  # one draw (from the verifier's seeded stream)
+    # one draw from p (the verifier's seeded stream); ``row``: where the walk stopped (the
+    # last accepted node + 1), which picks the stream of a merged frame's part
+    sample: Callable[[Dist, int], int]
 
 
 def walk_tree(
@@ -343,7 +345,7 @@ def walk_tree(
         p = ops.row(node + 1)
     if defer_bonus and tree.reaches_tip(tuple(path)):
         return Judgement(tuple(path), None, labels)
-    return Judgement(tuple(path), ops.sample(p), labels)
+    return Judgement(tuple(path), ops.sample(p, node + 1), labels)
 
 
 def accept_drafts(

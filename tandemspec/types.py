@@ -23,7 +23,10 @@ tree
     means the accepted path reached it (for a chain: every draft token accepted).
 bonus
     The extra target token after a fully accepted block. A frame sent with
-    ``expects_continuation`` defers its bonus: the pipelined next frame continues instead.
+    ``expects_continuation`` defers its bonus (the pipelined next frame continues instead),
+    unless its continuation is *merged* into the same target pass, or the session is greedy
+    and ``keeps_bonus``: then the bonus is sent and the continuation stays live only when
+    its tip path starts with that bonus (docs/architecture.md "Pipelining").
 committed
     Tokens the edge's gate trusted and emitted without judgement; the cloud appends them
     to its context and labels them, but never replaces them.
@@ -131,6 +134,9 @@ class SessionOpen:
     return_top_k: int = 0  # target top-k probabilities per labelled position (0 = none)
     stop_ids: tuple[int, ...] = ()  # generate sessions stop after emitting one of these
     client_id: str = ""
+    # Greedy pipelining: the edge applies the bonus rule (see ``bonus`` above), so the
+    # verifier may send a pipelined frame's bonus instead of deferring it.
+    keeps_bonus: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,8 @@ class Verdict:
     # Tree frames: the accepted draft tokens' indices, root to leaf; empty when they are the
     # first ``num_accepted`` tokens (always so for a chain).
     accepted_nodes: tuple[int, ...] = ()
+    # Judged in the previous verdict's target pass (a merged continuation): no pass of its own.
+    shared_pass: bool = False
 
     @property
     def accepted_path(self) -> tuple[int, ...]:

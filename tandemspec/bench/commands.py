@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandemspec.bench.figures import continuations, headline, mode_figures
+from tandemspec.bench.figures import continuations, headline, hidden_shares, mode_figures, run_rows
 from tandemspec.bench.link import LinkConfig, run_in_thread
 from tandemspec.bench.prompts import PROMPTS_FILE, load_prompts
 from tandemspec.bench.report import machine_info, package_versions, write_json, write_markdown, write_plots
@@ -171,6 +171,8 @@ def run_bench(config: BenchConfig, out: Path, command: str, progress: Progress =
         "rtts_ms": [f"{r:g}" for r in config.rtts_ms],
         "figures": figures,
         "headline": headline(figures, load, gated_points),
+        "hidden_share": hidden_shares(runs),
+        "runs": run_rows(runs),
         "load": load,
         "assisted_reference": assisted,
         "wall_s": time.perf_counter() - started,

@@ -192,3 +192,80 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base == 0:
         return None
     return float(value) / float(base)
+
+
+# (pipelined mode, its synchronous counterpart): the pairs whose hidden share of the round trip is reported
+PIPELINE_PAIRS = (
+    ("lossless", "lossless-sync"),
+    ("lossless-defer", "lossless-sync"),
+    ("lossless-auto", "lossless-sync-auto"),
+)
+
+
+def hidden_share(
+    runs: Sequence[PromptRun], pipelined: str, sync: str, rtt_ms: float, num_resamples: int = 2000
+) -> dict[str, float] | None:
+    """The share of the round trip that ``pipelined`` hides, against ``sync``, at ``rtt_ms`` (docs/trees.md).
+
+    ``1 - (T_p(R) - T_p(0)) / (T_s(R) - T_s(0))``, T the mean TPOT over the prompts that all four
+    runs share (paired by prompt); 1 = the round trip costs the pipelined mode nothing, 0 = as much
+    as synchronously. ``p05``/``p95``: the 5th and 95th percentiles of the same share over
+    prompts resampled with replacement (a seeded bootstrap). None without those runs or with
+    no round-trip cost to share (``T_s(R) <= T_s(0)``).
+    """
+    tpot: dict[tuple[str, float], dict[int, float]] = {}
+    for run in runs:
+        tpot.setdefault((run.mode, run.rtt_ms), {})[run.prompt_index] = run.tpot_s
+    keys = [(pipelined, rtt_ms), (pipelined, 0.0), (sync, rtt_ms), (sync, 0.0)]
+    if rtt_ms <= 0 or any(key not in tpot for key in keys):
+        return None
+    prompts = sorted(set.intersection(*(set(tpot[key]) for key in keys)))
+    if not prompts:
+        return None
+    table = np.array([[tpot[key][p] for key in keys] for p in prompts])  # [prompts, 4]
+
+    def share(rows: np.ndarray) -> float:
+        p_rtt, p_zero, s_rtt, s_zero = rows.mean(axis=0)
+        return float(1.0 - (p_rtt - p_zero) / (s_rtt - s_zero)) if s_rtt > s_zero else float("nan")
+
+    value = share(table)
+    if not np.isfinite(value):
+        return None
+    rng = np.random.default_rng(0)
+    resampled = np.array([share(table[rng.integers(0, len(prompts), len(prompts))]) for _ in range(num_resamples)])
+    resampled = resampled[np.isfinite(resampled)]
+    return {
+        "share": value,
+        "p05": float(np.percentile(resampled, 5)),
+        "p95": float(np.percentile(resampled, 95)),
+        "num_prompts": float(len(prompts)),
+    }
+
+
+def hidden_shares(runs: Sequence[PromptRun]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{pipelined mode: {rtt_ms (str): hidden_share}}`` for every pair of :data:`PIPELINE_PAIRS` that ran."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for pipelined, sync in PIPELINE_PAIRS:
+        for rtt_ms in sorted({r.rtt_ms for r in runs if r.rtt_ms > 0}):
+            figure = hidden_share(runs, pipelined, sync, rtt_ms)
+            if figure is not None:
+                out.setdefault(pipelined, {})[f"{rtt_ms:g}"] = figure
+    return out
+
+
+def run_rows(runs: Sequence[PromptRun]) -> list[dict[str, Any]]:
+    """One compact row per generation (per-prompt figures for noise estimates, pipelining counts)."""
+    keys = (
+        "num_generated",
+        "num_target_passes",
+        "num_rounds",
+        "num_stale_frames",
+        "num_merged_frames",
+        "num_bonus_kept",
+    )
+    return [
+        {"mode": r.mode, "rtt_ms": r.rtt_ms, "prompt_index": r.prompt_index, "tpot_ms": r.tpot_s * 1e3}
+        | {"ttft_ms": r.ttft_s * 1e3}
+        | {key: r.stats.get(key) for key in keys}
+        for r in runs
+    ]

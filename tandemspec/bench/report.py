@@ -227,11 +227,31 @@ def write_markdown(path: Path, results: Mapping[str, Any]) -> None:
             "",
             *gated_aim_line(head, first),
         ]
+    lines += hidden_share_lines(results.get("hidden_share", {}))
     lines += [f"## Load: N edges at once, RTT {results['rtts_ms'][0]} ms", "", *load_table(results["load"]), ""]
     lines += assisted_lines(results.get("assisted_reference"))
     for mode, note in results["skipped_modes"].items():
         lines.append(f"- `{mode}` skipped: {note}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def hidden_share_lines(shares: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
+    """Markdown lines: the share of the round trip each pipelined mode hides (bench.figures.hidden_share)."""
+    if not shares:
+        return []
+    lines = [
+        "## Share of the round trip hidden by pipelining",
+        "",
+        "1 - (TPOT_pipelined(R) - TPOT_pipelined(0)) / (TPOT_sync(R) - TPOT_sync(0)), mean TPOT over prompts; "
+        "[p05, p95] over prompts resampled.",
+        "",
+        "| mode | RTT ms | hidden share | p05 | p95 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for mode, by_rtt in shares.items():
+        for rtt, f in by_rtt.items():
+            lines.append(f"| {mode} | {rtt} | {f['share']:.2f} | {f['p05']:.2f} | {f['p95']:.2f} |")
+    return [*lines, ""]
 
 
 def assisted_lines(assisted: Mapping[str, Any] | None) -> list[str]:

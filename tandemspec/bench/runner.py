@@ -2,11 +2,14 @@
 
 For each link setting (round-trip delay) the runner walks the prompts once; for each
 prompt it runs every mode in turn (``cloud``, ``local``, ``lossless-sync``, ``lossless``,
-then one ``gated-KIND@Q`` mode per gate kind and quality floor, one ``lossless-sync-kN``
-chain per extra draft length, ``lossless-sync-treeN`` and ``lossless-treeN`` per tree
-budget), so slow drift of a shared machine hits all modes alike. Each run records the generated
-ids, the decoder's statistics, the verifier's pass counts and when each token reached the
-app (``on_tokens``). The load test then runs N edges at once against the one verifier.
+``lossless-defer``, ``lossless-sync-auto`` and ``lossless-auto`` when asked for (pipelined
+with the bonus deferred, the behaviour before the bonus rule; chains whose length is chosen
+from the measured costs: docs/trees.md), then one ``gated-KIND@Q`` mode per gate kind and
+quality floor, one ``lossless-sync-kN`` chain per extra draft length, ``lossless-sync-treeN``
+and ``lossless-treeN`` per tree budget), so slow drift of a shared machine hits all modes
+alike. Each run records the generated ids, the decoder's statistics, the verifier's pass
+counts and when each token reached the app (``on_tokens``). The load test then runs N edges
+at once against the one verifier.
 Scoring and figures live in :mod:`tandemspec.bench.scoring` and :mod:`tandemspec.bench.figures`.
 """
 
@@ -48,6 +51,8 @@ class BenchMode:
     gate: GateChoice | None = None  # gated operating points: the score and its quality floor
     draft_length: int | None = None  # chains: None = the bench's draft length
     tree_budget: int = 0  # draft trees of this many tokens per frame (0 = chains)
+    keep_bonus: bool = True  # pipelined greedy frames keep their bonus (False: deferred, as before)
+    auto_draft: bool = False  # chains: each frame's length chosen from the measured costs
 
 
 # The registry of fixed modes, in the interleaving order.
@@ -56,6 +61,9 @@ MODES: tuple[BenchMode, ...] = (
     BenchMode("local", "local"),
     BenchMode("lossless-sync", "lossless", pipeline=False),
     BenchMode("lossless", "lossless", pipeline=True),
+    BenchMode("lossless-defer", "lossless", pipeline=True, keep_bonus=False),
+    BenchMode("lossless-sync-auto", "lossless", pipeline=False, auto_draft=True),
+    BenchMode("lossless-auto", "lossless", pipeline=True, auto_draft=True),
 )
 # Families, not modes: one bench mode per (gate kind, quality floor), see gated_modes; per
 # extra chain draft length, see chain_modes; per tree budget, see tree_modes.
@@ -302,6 +310,8 @@ def build_edge(
             pipeline=mode.pipeline,
             tree_budget=mode.tree_budget,
             gate_check_every=config.gate_check_every,
+            keep_bonus=mode.keep_bonus,
+            auto_draft=mode.auto_draft,
         )
         gate = gates.get(mode.name)
         if mode.gate is not None and gate is None:

@@ -118,7 +118,7 @@ def test_device_tree_walk_makes_the_numpy_decisions() -> None:
             dists = tuple(SparseDist((token,), (1.0,)) for token in draft)
         frame = DraftFrame(seq=0, epoch=0, position=10, draft_ids=draft, draft_dists=dists, parents=parents)
         expected = verify_sampling(p, draft, dists, seeded_rng(trial, 10), parents=parents)
-        got = verify_on_device(torch.from_numpy(p), frame, seeded_rng(trial, 10))
+        got = verify_on_device(torch.from_numpy(p), frame, [(0, seeded_rng(trial, 10))], defer=False)
         assert got == expected, trial
         depths.add(len(got.path))
     assert {0, 1, 2} <= depths
@@ -168,7 +168,7 @@ def _first_two_tokens(
         row=lambda row: target_rows[row],
         prob=lambda dist, token: float(dist[token]),
         residual=ops_residual,
-        sample=lambda dist: sample_dense(dist, verify_rng),
+        sample=lambda dist, row: sample_dense(dist, verify_rng),
     )
     judgement = walk_tree(tree, tuple(draft), tuple(dists), labels, uniforms, ops, defer_bonus=False)
     emitted = [draft[i] for i in judgement.path] + [judgement.next_token]

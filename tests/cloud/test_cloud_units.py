@@ -167,7 +167,7 @@ def test_device_rejection_sampling_makes_the_numpy_decisions() -> None:
         draft = tuple(int(np.random.default_rng(trial + i).choice(d.ids, p=d.probs)) for i, d in enumerate(dists))
         frame = DraftFrame(seq=0, epoch=0, position=10, draft_ids=draft, draft_dists=dists)
         expected = verify_sampling(p, draft, dists, seeded_rng(trial, 10))
-        got = verify_on_device(torch.from_numpy(p), frame, seeded_rng(trial, 10))
+        got = verify_on_device(torch.from_numpy(p), frame, [(0, seeded_rng(trial, 10))], defer=False)
         assert got == expected, trial
         outcomes.add(got.num_accepted)
     assert outcomes == {0, 1, 2, 3}  # rejections at every position and full blocks (bonus) exercised
