@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_fed_apps import _free_port, fed_pair, fleet, flwr_home  # noqa: F401  (fixtures)
+from test_fed_apps import fed_pair, fleet, flwr_home  # noqa: F401  (fixtures)
 
 from tandemspec.edge.bundle import DRAFTER_NAME, load_bundle
 from tandemspec.federated.fed.fleet import read_fleet
@@ -36,6 +36,7 @@ from tandemspec.federated.fed.publish import (
     published_versions,
     rollback,
 )
+from tandemspec.net import free_port
 
 REPO = Path(__file__).parents[2]
 
@@ -192,7 +193,7 @@ def test_one_round_with_tls_and_supernode_auth_publishes_a_bundle(
     certs = tmp_path / "certs"
     certs.mkdir()
     ca, server_cert, server_key = _write_tls(certs)
-    port = _free_port()
+    port = free_port()
     flwr_home.mkdir(parents=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
@@ -204,7 +205,7 @@ def test_one_round_with_tls_and_supernode_auth_publishes_a_bundle(
         _start(
             ["flower-superlink", "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(server_cert),
              "--ssl-keyfile", str(server_key), "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-             "--control-api-address", f"127.0.0.1:{_free_port()}", "--disable-runtime-dependency-installation",
+             "--control-api-address", f"127.0.0.1:{free_port()}", "--disable-runtime-dependency-installation",
              "--database", ":flwr-in-memory:"],
             logs / "superlink.log",
         )
@@ -226,7 +227,7 @@ def test_one_round_with_tls_and_supernode_auth_publishes_a_bundle(
             processes.append(
                 _start(
                     ["flower-supernode", "--root-certificates", str(ca), "--superlink", f"127.0.0.1:{port}",
-                     "--auth-supernode-private-key", str(key), "--host", "127.0.0.1", "--port", str(_free_port()),
+                     "--auth-supernode-private-key", str(key), "--host", "127.0.0.1", "--port", str(free_port()),
                      "--node-config", node_config],
                     logs / f"supernode{i}.log",
                 )
