@@ -132,6 +132,10 @@ class ClientConfig:
             )
         channel_target(self.address)  # a malformed pool is a configuration error, raised here
 
+    def keepalive_channel_options(self) -> list[tuple[str, int]]:
+        """The channel's keepalive options from this config's two settings (:func:`keepalive_options`)."""
+        return keepalive_options(round(self.keepalive_time_s * 1000), round(self.keepalive_timeout_s * 1000))
+
 
 class Backoff:
     """Capped exponential backoff with full jitter; the clock and randomness are injectable."""
@@ -283,9 +287,7 @@ class VerifierClient:
 
     def _connect(self) -> grpc.Channel:
         if self._channel is None:
-            keepalive = keepalive_options(
-                round(self.config.keepalive_time_s * 1000), round(self.config.keepalive_timeout_s * 1000)
-            )
+            keepalive = self.config.keepalive_channel_options()
             target, options = channel_target(self.config.address), [*keepalive, *channel_options()]
             if self.config.tls_ca is not None:
                 credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca.read_bytes())

@@ -205,10 +205,10 @@ def test_idle_channel_keepalive_is_not_answered_with_goaway(
 
 
 def test_edge_keepalive_fits_the_verifier_ping_policy() -> None:
-    """The edge's real keepalive interval is comfortably above the verifier's minimum."""
-    from tandemspec.edge.client import _CHANNEL_OPTIONS
+    """The edge's default keepalive interval is comfortably above the verifier's minimum."""
+    from tandemspec.edge.client import ClientConfig
 
-    options = dict(_CHANNEL_OPTIONS)
+    options = dict(ClientConfig(address="127.0.0.1:1").keepalive_channel_options())
     config = CloudConfig()
     assert options["grpc.keepalive_permit_without_calls"] == 1 and config.permit_pings_without_calls
     assert options["grpc.keepalive_time_ms"] >= 2 * config.min_ping_interval_s * 1e3
