@@ -10,9 +10,10 @@ import pytest
 
 from tandemspec.edge.bundle import load_bundle
 from tandemspec.edge.client import ClientConfig, VerifierClient
-from tandemspec.edge.decoder import DecoderConfig, HybridDecoder
+from tandemspec.edge.decoder import DecoderConfig, GenerationRequest, HybridDecoder
 from tandemspec.edge.devicelog import DeviceLog
 from tandemspec.edge.drafter import DrafterOptions, OnnxDrafter
+from tandemspec.edge.stats import GenerationResult
 from tandemspec.edge.tokenizer import EdgeTokenizer
 
 
@@ -102,5 +103,22 @@ def target_greedy(target_for: Callable[[str], Any]) -> Callable[[str, tuple[int,
                 torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
             )
         return tuple(int(t) for t in out[0, len(prompt_ids) :])
+
+    return run
+
+
+@pytest.fixture
+def lossless_greedy(
+    target_greedy: Callable[[str, tuple[int, ...], int], tuple[int, ...]],
+) -> Callable[..., GenerationResult]:
+    """Factory: ``lossless_greedy(decoder, family, text, max_new_tokens, *context)`` continues ``text``
+    greedily and asserts the output is the target's own (the lossless contract; ``context`` and
+    ``text`` name the case when it is not); returns the result."""
+
+    def run(decoder: HybridDecoder, family: str, text: str, max_new_tokens: int, *context: Any) -> GenerationResult:
+        prompt = decoder.tokenizer.encode_prompt(text)
+        result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new_tokens))
+        assert result.token_ids == target_greedy(family, prompt, max_new_tokens), (*context, text)
+        return result
 
     return run

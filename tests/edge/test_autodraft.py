@@ -10,7 +10,7 @@ import pytest
 
 from tandemspec.bench.link import LinkConfig, run_in_thread
 from tandemspec.edge.autodraft import CostEstimator, Costs, best_length
-from tandemspec.edge.decoder import DecoderConfig, GenerationRequest, HybridDecoder
+from tandemspec.edge.decoder import DecoderConfig, HybridDecoder
 
 PROMPTS = ("def add(a, b):\n    return", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self")
 
@@ -77,7 +77,7 @@ def test_the_estimator_learns_the_costs() -> None:
 
 
 def test_auto_draft_is_lossless_and_drafts_longer_over_a_slower_link(
-    make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_greedy: Any
+    make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
 ) -> None:
     """Through the link emulator at RTT 0 and 60 ms: the target's greedy output, pipelined and not, and
     synchronously a longer mean draft where the round trip is measured at 60 ms (pipelined, at this
@@ -91,9 +91,7 @@ def test_auto_draft_is_lossless_and_drafts_longer_over_a_slower_link(
                 decoder = make_decoder("llama", link.address, auto_draft=True, pipeline=pipeline)
                 drafted = rounds = 0
                 for text in PROMPTS:  # the second starts from the first's estimates
-                    prompt = decoder.tokenizer.encode_prompt(text)
-                    result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24))
-                    assert result.token_ids == target_greedy("llama", prompt, 24), (rtt_ms, pipeline, text)
+                    result = lossless_greedy(decoder, "llama", text, 24, rtt_ms, pipeline)
                     drafted += result.stats.num_drafted
                     rounds += result.stats.num_rounds
                 mean_length[rtt_ms, pipeline] = drafted / rounds

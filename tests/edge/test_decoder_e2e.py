@@ -21,7 +21,7 @@ PROMPTS = ("def add(a, b):\n    return", "import os\nimport sys\n\n\nclass Confi
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_lossless_greedy_is_target_greedy(
-    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_greedy: Any
+    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
 ) -> None:
     """Token for token the target's own greedy output, with and without pipelining."""
     address = verifier_for(family).address
@@ -29,9 +29,7 @@ def test_lossless_greedy_is_target_greedy(
     for pipeline in (False, True):
         decoder = make_decoder(family, address, pipeline=pipeline, draft_length=4)
         for text in PROMPTS:
-            prompt = decoder.tokenizer.encode_prompt(text)
-            result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24))
-            assert result.token_ids == target_greedy(family, prompt, 24), (pipeline, text)
+            result = lossless_greedy(decoder, family, text, 24, pipeline)
             s = result.stats
             assert s.mode_used == "lossless" and not s.fell_back_to_local
             assert s.num_generated == len(result.token_ids)

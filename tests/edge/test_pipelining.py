@@ -27,7 +27,7 @@ MERGE_WINDOW_MS = 150.0  # with a second, idle session open every step waits thi
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_kept_bonus_is_lossless_and_saves_passes(
-    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_greedy: Any
+    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
 ) -> None:
     """Pipelined greedy chains and trees, bonus kept or deferred: the target's greedy output either way, and
     keeping it spends fewer target passes (a continuation that misses the bonus costs none)."""
@@ -41,9 +41,7 @@ def test_kept_bonus_is_lossless_and_saves_passes(
             )
             passes[keep_bonus] = 0
             for text in PROMPTS:
-                prompt = decoder.tokenizer.encode_prompt(text)
-                result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24))
-                assert result.token_ids == target_greedy(family, prompt, 24), (keep_bonus, tree_budget, text)
+                result = lossless_greedy(decoder, family, text, 24, keep_bonus, tree_budget)
                 s = result.stats
                 assert not s.fell_back_to_local and s.num_target_passes == s.num_rounds - s.num_merged_frames
                 passes[keep_bonus] += s.num_target_passes
@@ -81,7 +79,7 @@ def test_merged_continuations_through_the_edge(
     make_decoder: Callable[..., HybridDecoder],
     verifier_for: Callable[[str], Any],
     tiny_model_dir: Callable[..., Path],
-    target_greedy: Any,
+    lossless_greedy: Any,
 ) -> None:
     """Greedy chains and trees with merged passes give the target's greedy output and count the passes
     saved; sampling with merged passes makes, seed for seed, the output of the same decoding without
@@ -92,9 +90,7 @@ def test_merged_continuations_through_the_edge(
             decoder = make_decoder("llama", merging, pipeline=True, draft_length=3, tree_budget=tree_budget)
             merged = 0
             for text in PROMPTS:
-                prompt = decoder.tokenizer.encode_prompt(text)
-                result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=16))
-                assert result.token_ids == target_greedy("llama", prompt, 16), (tree_budget, text)
+                result = lossless_greedy(decoder, "llama", text, 16, tree_budget)
                 s = result.stats
                 assert s.num_target_passes == s.num_rounds - s.num_merged_frames
                 merged += s.num_merged_frames

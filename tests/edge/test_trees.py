@@ -64,7 +64,7 @@ def test_grown_tree_is_a_reranked_closed_tree(
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_lossless_greedy_trees_are_target_greedy(
-    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], target_greedy: Any
+    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
 ) -> None:
     """Token for token the target's greedy output, with and without pipelining (a frame sent on the
     assumption that the previous tree's tip path is accepted, stale when it is not)."""
@@ -75,9 +75,7 @@ def test_lossless_greedy_trees_are_target_greedy(
         )
         passes = generated = num_stale[pipeline] = 0
         for text in PROMPTS:
-            prompt = decoder.tokenizer.encode_prompt(text)
-            result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24))
-            assert result.token_ids == target_greedy(family, prompt, 24), (pipeline, text)
+            result = lossless_greedy(decoder, family, text, 24, pipeline)
             s = result.stats
             assert s.mode_used == "lossless" and not s.fell_back_to_local
             assert s.num_rounds < s.num_drafted <= 8 * s.num_rounds  # trees of the budget at most (less near the end)

@@ -99,14 +99,22 @@ def test_replica_lost_mid_session(
     before = survivor.metrics.snapshot()["sessions_total"]
     backing_off = edge.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=4))
     assert backing_off.stats.fell_back_to_local and "next attempt" in backing_off.stats.fallback_reason
+    assert survivor.metrics.snapshot()["sessions_total"] == before  # backing off opens no session
     now[0] += 60.0  # past the backoff
-    expected = target_greedy(prompt, MAX_NEW)
-    for _ in range(3):
-        again = edge.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=MAX_NEW))
-        assert not again.stats.fell_back_to_local and again.token_ids == expected
-    assert survivor.metrics.snapshot()["sessions_total"] == before + 3
+    assert_sessions_go_to(survivor, edge, prompt, target_greedy(prompt, MAX_NEW))
     assert edge.client is not None
     edge.client.close()
+
+
+def assert_sessions_go_to(
+    replica: Any, edge: HybridDecoder, prompt: tuple[int, ...], expected: tuple[int, ...], count: int = 3
+) -> None:
+    """The edge's next ``count`` generations are all verified (no fallback, the target's output) on ``replica``."""
+    before = replica.metrics.snapshot()["sessions_total"]
+    for _ in range(count):
+        again = edge.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=MAX_NEW))
+        assert not again.stats.fell_back_to_local and again.token_ids == expected
+    assert replica.metrics.snapshot()["sessions_total"] == before + count
 
 
 def test_draining_replica_finishes_its_session_and_gets_no_new_ones(
@@ -140,10 +148,6 @@ def test_draining_replica_finishes_its_session_and_gets_no_new_ones(
     stopper[0].join(timeout=20)
     assert not stopper[0].is_alive()  # the drain ended with its last session, well inside the grace
     (other,) = [r for r in replicas if r is not draining[0]]
-    before = other.metrics.snapshot()["sessions_total"]
-    for _ in range(3):
-        again = edge.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=MAX_NEW))
-        assert not again.stats.fell_back_to_local and again.token_ids == expected
-    assert other.metrics.snapshot()["sessions_total"] == before + 3
+    assert_sessions_go_to(other, edge, prompt, expected)
     assert edge.client is not None
     edge.client.close()
