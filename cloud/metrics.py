@@ -12,6 +12,8 @@ frames              draft frames answered (stale ones included)
 stale_frames        frames answered ``stale`` without verification
 merged_frames       frames judged in their predecessor's target pass (a merged continuation: a pass saved)
 bonus_kept          pipelined frames whose bonus was sent instead of deferred (greedy, ``keeps_bonus``)
+branch_hits         branch frames whose guess came true (verified from their second token)
+branch_misses       branch frames whose guess did not (answered ``stale``, no pass; not in stale_frames)
 verified_tokens     draft tokens judged by the target
 accepted_tokens     draft tokens accepted
 committed_tokens    committed tokens appended (labelled, not judged)
@@ -53,6 +55,9 @@ class VerifierMetrics:
         )
         self.bonus_kept = Counter(
             f"{_PREFIX}_bonus_kept", "Pipelined frames whose bonus was sent instead of deferred", registry=r
+        )
+        self.branch_frames = Counter(
+            f"{_PREFIX}_branch_frames", "Branch frames, by whether their guess came true", ["outcome"], registry=r
         )
         self.verified_tokens = Counter(f"{_PREFIX}_verified_tokens", "Draft tokens verified", registry=r)
         self.accepted_tokens = Counter(f"{_PREFIX}_accepted_tokens", "Draft tokens accepted", registry=r)
@@ -99,6 +104,8 @@ class VerifierMetrics:
             "stale_frames": value("stale_frames_total"),
             "merged_frames": value("merged_frames_total"),
             "bonus_kept": value("bonus_kept_total"),
+            "branch_hits": value("branch_frames_total", outcome="hit"),
+            "branch_misses": value("branch_frames_total", outcome="miss"),
             "verified_tokens": value("verified_tokens_total"),
             "accepted_tokens": value("accepted_tokens_total"),
             "committed_tokens": value("committed_tokens_total"),

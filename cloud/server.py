@@ -39,7 +39,7 @@ from tandemspec.types import ServerInfo
 
 logger = logging.getLogger(__name__)
 
-CAPABILITIES = ("verify", "generate", "sampling", "committed", "pipelining", "target_top_k", "trees")
+CAPABILITIES = ("verify", "generate", "sampling", "committed", "pipelining", "target_top_k", "trees", "branches")
 
 
 class StartedServer(NamedTuple):

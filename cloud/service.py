@@ -40,6 +40,7 @@ from tandemspec.cloud.session import (
     Session,
     SessionError,
     SessionRules,
+    check_branch,
     client_key,
     invalid,
     session_token_budget,
@@ -235,11 +236,19 @@ class VerifierService:
     async def _verify(self, session: Session, frame: DraftFrame, inbox: _Inbox) -> list[Verdict]:
         """prefill'd context + frame (+ its queued continuation) -> target step -> judge -> rollback: the verdicts."""
         self._metrics.frames.inc()
-        rebased = session.rebase_on_bonus(frame) if frame.epoch >= session.epoch else None
+        if frame.branch_of is not None:
+            check_branch(frame, session)
+            rebased = session.rebase_branch(frame)
+            self._metrics.branch_frames.labels(outcome="miss" if rebased is None else "hit").inc()
+            if rebased is None:  # a wrong guess: no pass, and the bonus rule still holds for the next frame
+                return [session.stale_verdict(frame)]
+        else:
+            rebased = session.rebase_on_bonus(frame) if frame.epoch >= session.epoch else None
+            if rebased is None:  # an older epoch's frame, or a continuation that does not start with the bonus
+                session.bonus_kept = False
+                self._metrics.stale_frames.inc()
+                return [session.stale_verdict(frame)]
         session.bonus_kept = False
-        if rebased is None:  # an older epoch's frame, or a continuation that does not start with the bonus
-            self._metrics.stale_frames.inc()
-            return [session.stale_verdict(frame)]
         first = rebased.frame
         validate_frame(first, session, self._rules)
         merged: list[tuple[DraftFrame, DraftFrame, tuple[Stream, ...]]] = []
@@ -268,6 +277,7 @@ class VerifierService:
         if judged.expects_continuation and outcome.fully_accepted and not defer:
             session.bonus_kept = True  # the next frame may be a continuation drafted before this bonus
             self._metrics.bonus_kept.inc()
+        session.last_judged_seq = frame.seq
         if later is None:
             return [rebased.verdict_for_sent(verdict, frame)]
         verdicts = split_merged(verdict, first, later, epoch_before)
@@ -275,6 +285,7 @@ class VerifierService:
             self._metrics.stale_frames.inc()
         else:
             self._metrics.merged_frames.inc()
+            session.last_judged_seq = later.seq
         return [rebased.verdict_for_sent(verdicts[0], frame), verdicts[1]]
 
     def _queued_continuation(self, session: Session, first: DraftFrame, inbox: _Inbox) -> DraftFrame | None:

@@ -127,6 +127,20 @@ def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules, pos
         )
 
 
+def check_branch(frame: DraftFrame, session: Session) -> None:
+    """A branch frame's shape: greedy sessions that keep the bonus, draft tokens only, an earlier frame's seq."""
+    opened = session.open
+    if not (opened.keeps_bonus and opened.sampling.is_greedy and not opened.return_top_k):
+        raise invalid(
+            "branch frames need a greedy session that keeps the bonus (keeps_bonus, temperature 0, return_top_k 0)",
+            frame.seq,
+        )
+    if frame.committed_ids or not frame.draft_ids:
+        raise invalid("a branch frame carries draft tokens only, its guessed correction or bonus first", frame.seq)
+    if frame.branch_of is not None and frame.branch_of >= frame.seq:
+        raise invalid(f"frame {frame.seq} branches from frame {frame.branch_of}, not an earlier one", frame.seq)
+
+
 def _check_parents(frame: DraftFrame) -> None:
     """Tree drafts: one parent per draft token, each before its child (-1 = after the committed tokens)."""
     if not frame.parents:
@@ -191,6 +205,8 @@ class Session:
         # The last verdict sent a pipelined frame's bonus (greedy, keeps_bonus): the next frame
         # may be that frame's continuation, one position back (see :meth:`rebase_on_bonus`).
         self.bonus_kept = False
+        # The seq of the last frame judged (not stale): the only frame whose branches may be live.
+        self.last_judged_seq: int | None = None
 
     @property
     def kind(self) -> SessionKind:
@@ -244,6 +260,8 @@ class Session:
         """Whether ``frame`` continues ``of`` from its tip, in the same epoch: it can share ``of``'s pass."""
         if not of.draft_ids or not of.expects_continuation or frame.committed_ids or frame.epoch != of.epoch:
             return False
+        if frame.branch_of is not None:  # a guess of of's verdict, not its continuation
+            return False
         tip = DraftTree.of(of.parents, len(of.draft_ids)).tip_path()
         return frame.position == of.position + len(of.committed_ids) + len(tip)
 
@@ -258,6 +276,28 @@ class Session:
         """
         if not self.bonus_kept or frame.position != self.committed_length - 1 or frame.committed_ids:
             return Rebased(frame, ())
+        return self._rebase_on_root(frame)
+
+    def rebase_branch(self, frame: DraftFrame) -> Rebased | None:
+        """A branch (``frame.branch_of`` set, shape checked by :func:`check_branch`): what is left to
+        verify, or None (stale).
+
+        It is live when the frame it guessed at was the last one judged, it is in the epoch that
+        verdict left, and it starts with that verdict's correction or bonus at that token's
+        position: its context is then exactly the one the edge drafted it on (one verdict, one
+        outcome). What is left to verify is its root's subtree, as with the bonus rule.
+        """
+        if (
+            frame.branch_of != self.last_judged_seq
+            or frame.epoch != self.epoch
+            or frame.position != self.committed_length - 1
+        ):
+            return None
+        return self._rebase_on_root(frame)
+
+    def _rebase_on_root(self, frame: DraftFrame) -> Rebased | None:
+        """``frame`` at one position before the committed length: its tip path's root must be the
+        last committed token; then the root's subtree from the committed length, else None."""
         tree = DraftTree.of(frame.parents, len(frame.draft_ids))
         root = tree.tip_path()[0] if frame.draft_ids else -1
         if root < 0 or frame.draft_ids[root] != self.tokens[-1]:

@@ -212,6 +212,10 @@ class DecodeStream:
         self._requests.put(frame)
         return size
 
+    def num_pending(self) -> int:
+        """Cloud messages that have arrived and :meth:`recv` has not returned yet."""
+        return self._responses.qsize()
+
     def recv(self, timeout_s: float | None = None) -> CloudMessage:
         """The next cloud message; raises :class:`CloudUnavailable` / :class:`CloudRefused`."""
         start = time.perf_counter()

@@ -84,6 +84,7 @@ logger = logging.getLogger(__name__)
 
 _DRAFT_STREAM = 0x45444745  # "EDGE": the edge's random stream, apart from the cloud's
 TREES_CAPABILITY = "trees"  # in Info.capabilities: the verifier checks DraftFrame.parents
+BRANCHES_CAPABILITY = "branches"  # in Info.capabilities: the verifier takes DraftFrame.branch_of
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,20 @@ class DecoderConfig:
     # round trip, verify cost, drafter cost and acceptance (edge/autodraft.py); draft_length is unused
     auto_draft: bool = False
     auto_max_draft: int = 16
+    # greedy pipelined chains that keep the bonus: while a frame's verdict is awaited, pre-draft up
+    # to this many branches, its likeliest other outcomes (a rejection and its correction, another
+    # bonus) by the drafter's probabilities, and send them; the verifier goes on with the one that
+    # came true without waiting for the edge (docs/architecture.md "Branches"). 0 = none. The
+    # drafting spent on them stays within the measured round trip: none on a link with no delay.
+    branches: int = 2
 
     def __post_init__(self) -> None:
         if self.draft_length < 1 or self.max_support < 1:
             raise ValueError("draft_length and max_support must be >= 1")
         if self.tree_budget < 0 or self.tree_top_k < 1 or self.tree_depth < 1:
             raise ValueError("tree_budget must be >= 0, tree_top_k and tree_depth >= 1")
+        if self.branches < 0:
+            raise ValueError(f"branches must be >= 0, got {self.branches}")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
         if self.auto_draft and (self.tree_budget or self.auto_max_draft < 1):
@@ -186,6 +195,7 @@ class HybridDecoder:
         # The session this decoder ended last: the next one opens once the verifier has ended
         # it (its SessionDone), so back-to-back generations never find their own slot still held.
         self.closing_stream: DecodeStream | None = None
+        self.warned_no_branches = False  # said once per decoder that the verifier takes no branches
 
     def generate(self, request: GenerationRequest, on_tokens: TokenCallback | None = None) -> GenerationResult:
         """Produce one completion; never raises for a lost cloud (it falls back to ``local``)."""
@@ -214,6 +224,15 @@ class _SentFrame:
     bonus_root: int | None = None
     sent_s: float = 0.0  # perf_counter when sent
     alone: bool = False  # sent with no live frame in flight: its verdict times a clean round trip
+    # Per draft token: (drafter log-prob of the token, the runner-up's id, its log-prob), when branching.
+    guesses: tuple[tuple[float, int, float], ...] = ()
+    guess: bool = False  # a branch whose guess is not settled yet (by its frame's verdict)
+    branched: bool = False  # its branches have been sent
+
+    @property
+    def live(self) -> bool:
+        """Counts on the verifier judging it: not stale, not an unsettled branch."""
+        return not self.stale and not self.guess
 
     def tip_path(self) -> list[int]:
         """Its draft tokens the next frame assumes accepted and not yet committed."""
@@ -229,6 +248,7 @@ class _Block:
     features: np.ndarray | None
     ends_with_eos: bool
     parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
+    guesses: tuple[tuple[float, int, float], ...] = ()  # see _SentFrame.guesses
 
 
 class _Generation:
@@ -251,6 +271,7 @@ class _Generation:
         self.session_id = ""
         self.stream: DecodeStream | None = None
         self.tree_budget = 0  # tokens per draft tree once the verifier is known to check trees (0 = chains)
+        self.branches = 0  # branches per frame, once the verifier is known to take them
 
     # -- orchestration ---------------------------------------------------------------
 
@@ -290,6 +311,7 @@ class _Generation:
                 self.tree_budget = self.decoder.config.tree_budget if TREES_CAPABILITY in info.capabilities else 0
                 if self.decoder.config.tree_budget and not self.tree_budget:
                     logger.warning("the verifier does not verify draft trees: drafting chains")
+                self.branches = self._branches_allowed(info.capabilities)
                 if self.mode == "gated":
                     self._run_gated(info.limits.max_draft_tokens)
                 else:
@@ -303,6 +325,24 @@ class _Generation:
             self._fall_back(str(error), "unavailable")
         finally:
             self._close_stream()
+
+    def _branches_allowed(self, capabilities: tuple[str, ...]) -> int:
+        """Branches per frame for this generation: greedy pipelined lossless chains that keep the bonus."""
+        config = self.decoder.config
+        if not config.branches:
+            return 0
+        fits = (
+            self.mode == "lossless"
+            and config.pipeline
+            and config.keep_bonus
+            and self.sampling.is_greedy
+            and not self.tree_budget
+            and not config.return_top_k
+        )
+        if fits and BRANCHES_CAPABILITY not in capabilities and not self.decoder.warned_no_branches:
+            self.decoder.warned_no_branches = True
+            logger.warning("the verifier does not take branch frames: pipelining without them")
+        return config.branches if fits and BRANCHES_CAPABILITY in capabilities else 0
 
     def _fall_back(self, reason: str, kind: str = "unavailable") -> None:
         logger.warning("continuing locally after %d tokens: %s", len(self.committed) - self.prompt_length, reason)
@@ -441,11 +481,16 @@ class _Generation:
         """Committed ids followed by the drafts of frames in flight in the current epoch."""
         tip = list(self.committed)
         for sent in self.in_flight:
-            if not sent.stale:
+            if sent.live:
                 tip.extend(sent.frame.draft_ids[i] for i in sent.tip_path())
         return tip
 
     def _fill_pipeline(self) -> None:
+        """Send frames until one (no pipelining) or two (depth-1 pipelining) are live, then branches."""
+        self._fill_live()
+        self._send_branches()
+
+    def _fill_live(self) -> None:
         """Send frames until one (no pipelining) or two (depth-1 pipelining) are live.
 
         A pipelined frame assumes the live one before it fully accepted: for a tree, that the
@@ -455,14 +500,15 @@ class _Generation:
         depth = 2 if config.pipeline else 1
         # A kept bonus comes with the frame's verdict: a frame whose tip and bonus reach the limit is the last.
         bonus = int(config.keep_bonus and self.sampling.is_greedy)
-        while sum(not s.stale for s in self.in_flight) < depth:
-            live = [s for s in self.in_flight if not s.stale]
+        while sum(s.live for s in self.in_flight) < depth:
+            live = [s for s in self.in_flight if s.live]
             if live and not live[-1].frame.expects_continuation:
                 return  # the last live frame ends the generation if accepted
             tip = self._tip()
             room = self.session_limit - len(tip)
             if room <= 0:
                 return
+            self._sync_drafter(tip)  # branches may have left the drafter on another context
             if self.tree_budget:
                 block = self._draft_tree(tip, min(self.tree_budget, self.max_frame, room))
                 tip_depth = len(DraftTree(block.parents).tip_path())
@@ -472,6 +518,87 @@ class _Generation:
                 block = self._draft(tip, min(length, room), since_check=len(tip) - len(self.committed))
                 is_last = block.ends_with_eos or len(tip) + len(block.ids) + bonus >= self.session_limit
             self._send(len(tip), block, expects_continuation=depth > 1 and not is_last)
+
+    def _send_branches(self) -> None:
+        """While the first live frame's verdict is awaited, draft and send its likeliest other
+        outcomes as branches (``branch_of``), stopping once that verdict has arrived.
+
+        A branch that comes true saves the round trip (and the drafting of the next frame), so
+        the drafting spent on branches per verdict stays within the measured round trip
+        (:class:`~tandemspec.edge.autodraft.CostEstimator`): none over a link with almost no
+        delay, up to ``branches`` over a slow one.
+
+        A branch starts with its guess, the drafter's runner-up at a token of the frame (that token
+        rejected, the runner-up its correction) or at the continuation's first token (the frame
+        fully accepted, the runner-up its bonus), then drafts on from it. Guesses are ranked by the
+        drafter's probability of that outcome: the product of the frame's tokens before it and the
+        runner-up's.
+        """
+        if not self.branches:
+            return
+        live = [s for s in self.in_flight if s.live]
+        if not live or live[0].branched or not live[0].guesses:
+            return
+        first = live[0]
+        first.branched = True
+        assert self.stream is not None
+        config = self.decoder.config
+        ahead = self.in_flight.index(first)  # frames whose verdicts come before first's (stale ones)
+        costs = self.decoder.costs.costs()
+        budget_s = costs.rtt_s  # what a branch that comes true saves
+        start = time.perf_counter()
+        for position, token, epoch, source in self._branch_guesses(first, live[1] if len(live) > 1 else None):
+            if self.stream.num_pending() > ahead:  # first's verdict is here: guessing it saves nothing now
+                return
+            length = self.decoder.costs.choose(self.max_draft, True) if config.auto_draft else self.max_draft
+            if time.perf_counter() - start + length * costs.draft_s_per_token > budget_s:
+                return
+            frame = first.frame
+            known = int(first.bonus_root is not None)  # the frame's root is committed already
+            accepted = frame.draft_ids[known : position - frame.position - len(frame.committed_ids)]
+            context = [*self.committed, *accepted, token]
+            room = self.session_limit - len(context)
+            if room <= 0:
+                continue
+            self._sync_drafter(context)
+            block = self._draft(context, min(length, room), since_check=len(context) - len(self.committed))
+            is_last = block.ends_with_eos or len(context) + len(block.ids) + 1 >= self.session_limit
+            features = None
+            if block.features is not None and source is not None:
+                features = np.concatenate([source[None], block.features])
+            branch = _Block(
+                ids=[token, *block.ids],
+                dists=[],
+                features=features,
+                ends_with_eos=block.ends_with_eos,
+                guesses=((0.0, token, -np.inf), *block.guesses),  # the root is committed when it is live
+            )
+            self._send(position, branch, expects_continuation=not is_last, branch_of=frame.seq, epoch=epoch)
+            self.stats.num_branch_frames += 1
+
+    def _branch_guesses(
+        self, first: _SentFrame, later: _SentFrame | None
+    ) -> list[tuple[int, int, int, np.ndarray | None]]:
+        """The ``branches`` likeliest other outcomes of ``first``'s verdict: (position, guessed token,
+        the epoch that verdict leaves, the guessed token's feature row when logging), likeliest first."""
+        frame = first.frame
+        known = first.bonus_root is not None  # its root is committed: judged already
+        base = frame.position + len(frame.committed_ids)
+        features = first.features
+        scored: list[tuple[float, int, int, int, np.ndarray | None]] = []
+        log_p = 0.0  # of the frame's tokens so far all being the target's
+        for j in range(int(known), len(frame.draft_ids)):
+            chosen, runner, runner_log_p = first.guesses[j]
+            row = features[len(frame.committed_ids) + j] if features is not None else None
+            scored.append((log_p + runner_log_p, base + j, runner, self.epoch + 1, row))  # rejected at j
+            log_p += chosen
+        if later is not None and later.guesses and frame.expects_continuation:
+            _, runner, runner_log_p = later.guesses[0]  # the continuation's first token is the bonus guess
+            row = later.features[0] if later.features is not None else None
+            scored.append((log_p + runner_log_p, base + len(frame.draft_ids), runner, self.epoch, row))
+        scored = [g for g in scored if g[2] not in self.eos and np.isfinite(g[0])]
+        scored.sort(key=lambda g: -g[0])
+        return [(position, token, epoch, row) for _, position, token, epoch, row in scored[: self.branches]]
 
     def _draft(
         self,
@@ -498,8 +625,11 @@ class _Generation:
         ids: list[int] = []
         dists: list[SparseDist] = []
         rows: list[np.ndarray] = []
+        guesses: list[tuple[float, int, float]] = []
         while True:
             token, dist = self._pick(logits_row, len(tip) + len(ids))
+            if self.branches:
+                guesses.append(_runner_up(logits_row, token))
             features = None
             if with_features:
                 features = token_features(logits_row[None], hidden_row[None], np.array([since_check + len(ids)]))
@@ -515,7 +645,9 @@ class _Generation:
         elapsed = time.perf_counter() - start
         self.stats.draft_s += elapsed
         self.decoder.costs.observe_draft(elapsed, len(ids))
-        return _Block(ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos)
+        return _Block(
+            ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos, guesses=tuple(guesses)
+        )
 
     def _draft_tree(self, tip: list[int], budget: int) -> _Block:
         """An EAGLE-2-style tree of at most ``budget`` tokens after ``tip`` (the drafter then holds all of ``tip``)."""
@@ -542,27 +674,35 @@ class _Generation:
         expects_continuation: bool,
         committed_ids: tuple[int, ...] = (),
         committed_features: np.ndarray | None = None,
+        branch_of: int | None = None,
+        epoch: int | None = None,
     ) -> None:
-        """Send a frame: ``committed_ids`` (gated mode's trusted tokens) from ``position``, then the block."""
+        """Send a frame: ``committed_ids`` (gated mode's trusted tokens) from ``position``, then the block.
+
+        ``branch_of``, ``epoch``: a branch of that frame, in the epoch its guessed verdict leaves."""
         assert self.stream is not None
         frame = DraftFrame(
             seq=self.seq,
-            epoch=self.epoch,
+            epoch=self.epoch if epoch is None else epoch,
             position=position,
             committed_ids=committed_ids,
             draft_ids=tuple(block.ids),
             draft_dists=tuple(block.dists),
             expects_continuation=expects_continuation,
             parents=block.parents,
+            branch_of=branch_of,
         )
         self.seq += 1
-        alone = all(s.stale for s in self.in_flight)  # stale frames cost the verifier no pass
+        alone = not any(s.live for s in self.in_flight)  # stale frames cost the verifier no pass
         sent_s = time.perf_counter()
         self.stream.send(frame)
         self.stats.num_cloud_frames += 1
         parts = [f for f in (committed_features, block.features) if f is not None]
         features = np.concatenate(parts) if parts else None
-        self.in_flight.append(_SentFrame(frame=frame, features=features, sent_s=sent_s, alone=alone))
+        sent = _SentFrame(
+            frame, features, sent_s=sent_s, alone=alone, guesses=block.guesses, guess=branch_of is not None
+        )
+        self.in_flight.append(sent)
 
     def _await_verdict(self, stream: DecodeStream) -> None:
         message = stream.recv()
@@ -571,8 +711,15 @@ class _Generation:
         sent = self.in_flight.popleft()
         if message.seq != sent.frame.seq:
             raise CloudRefused(None, f"verdict for frame {message.seq} while frame {sent.frame.seq} was expected")
+        if sent.frame.branch_of is not None and message.stale != sent.stale:
+            raise CloudRefused(
+                None,
+                f"the verifier found branch frame {message.seq} {'stale' if message.stale else 'live'}, "
+                f"the edge {'stale' if sent.stale else 'live'}",
+            )
         if message.stale or sent.stale:
-            self.stats.num_stale_frames += 1
+            if sent.frame.branch_of is None:  # a branch's wrong guess is no waste of the pipeline
+                self.stats.num_stale_frames += 1
             return
         self._observe_costs(sent, message)
         self._commit(sent, message)
@@ -614,32 +761,62 @@ class _Generation:
         if kept_bonus and verdict.epoch == self.epoch and self.sampling.is_greedy:
             self.stats.num_bonus_kept += 1
             self._emit(new)
-            self._apply_bonus_rule(verdict.next_token)
+            self._apply_bonus_rule(verdict.next_token, frame.seq)
         elif rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
             # The future the later frames were drafted on is gone: they come back stale.
             for later in self.in_flight:
-                later.stale = True
+                later.stale = later.stale or later.live
             self.epoch = verdict.epoch
             self._emit(new)
+            self._settle_branches(sent.frame.seq)
             self._sync_drafter(self.committed)
         else:
             self._emit(new)
+            self._settle_branches(None)  # judged without a correction or bonus: no guess came true
 
-    def _apply_bonus_rule(self, bonus: int | None) -> None:
+    def _apply_bonus_rule(self, bonus: int | None, judged_seq: int) -> None:
         """A pipelined frame came back with its bonus: the next live frame, drafted on that frame's
         tip before the bonus was known, stays live when its tip path starts with the bonus (which
         then commits that first token); else it and the frames after it are stale (the verifier
-        applies the same rule and spends no pass on them)."""
-        live = [s for s in self.in_flight if not s.stale]
+        applies the same rule and spends no pass on them), and a branch that guessed the bonus
+        may take its place."""
+        live = [s for s in self.in_flight if s.live]
         if live:
             first = live[0]
             root = first.tip_path()[0] if first.frame.draft_ids and first.bonus_root is None else None
             if root is not None and first.frame.draft_ids[root] == bonus:
                 first.bonus_root = root
+                self._settle_branches(None)  # the verifier judges the continuation next: no branch is live
                 return
             for later in live:
                 later.stale = True
+        self._settle_branches(judged_seq)
         self._sync_drafter(self.committed)
+
+    def _settle_branches(self, judged_seq: int | None) -> None:
+        """After frame ``judged_seq``'s verdict (None: a frame no branch may follow), settle the branches
+        in flight: the one that guessed that verdict becomes live, its root committed; the others are
+        stale. The verifier applies the same rule (``Session.rebase_branch``)."""
+        taken = False
+        for sent in self.in_flight:
+            if not sent.guess:
+                continue
+            frame = sent.frame
+            sent.guess = False
+            hit = (
+                not taken
+                and judged_seq is not None
+                and frame.branch_of == judged_seq
+                and frame.epoch == self.epoch
+                and frame.position == len(self.committed) - 1
+                and frame.draft_ids[0] == self.committed[-1]
+            )
+            if hit:
+                sent.bonus_root = 0
+                taken = True
+                self.stats.num_branch_hits += 1
+            else:
+                sent.stale = True
 
     def _sync_drafter(self, ids: list[int]) -> None:
         """Roll the drafter back to the longest cached prefix of ``ids``, leaving at least one token to feed."""
@@ -788,3 +965,13 @@ class _Generation:
                 self.finish_reason = "length"
         if emitted and self.on_tokens is not None:
             self.on_tokens(emitted, self.text.take_delta(final=self.finish_reason is not None))
+
+
+def _runner_up(logits: np.ndarray, token: int) -> tuple[float, int, float]:
+    """(log-prob of ``token``, the likeliest other token, its log-prob) under the drafter's logits."""
+    shifted = logits.astype(np.float64) - float(np.max(logits))
+    log_z = float(np.log(np.sum(np.exp(shifted))))
+    masked = shifted.copy()
+    masked[token] = -np.inf
+    runner = int(np.argmax(masked))
+    return float(shifted[token]) - log_z, runner, float(shifted[runner]) - log_z

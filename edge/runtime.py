@@ -58,6 +58,10 @@ class EdgeConfig:
     # lossless chains: choose each frame's length from the measured round trip, verify and
     # drafter costs and acceptance, up to 16 (edge/autodraft.py); draft_length is then unused
     auto_draft: bool = False
+    # greedy pipelined lossless chains: pre-draft up to this many guessed outcomes of each awaited
+    # verdict and send them as branch frames (docs/architecture.md "Branches"; 0 = none), within
+    # the measured round trip's worth of drafting per verdict
+    branches: int = 2
     max_support: int = 32
     return_top_k: int = 0
     log_db: Path | None = None
@@ -90,8 +94,8 @@ class EdgeConfig:
             raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
         if self.max_support < 1:
             raise ValueError(f"max_support must be >= 1, got {self.max_support}")
-        if self.tree_budget < 0:
-            raise ValueError(f"tree_budget must be >= 0, got {self.tree_budget}")
+        if self.tree_budget < 0 or self.branches < 0:
+            raise ValueError(f"tree_budget and branches must be >= 0, got {self.tree_budget}, {self.branches}")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
         self.gate_choice()  # checks the kind and that at most one operating point is given
@@ -113,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         for name in (
             "cloud", "bundle", "auth_token_file", "tls_ca", "mode", "draft_length", "min_survival", "gate",
             "gate_kind", "gate_quality", "gate_lambda", "gate_threshold", "gate_check_every", "log_db", "host", "port",
-            "watch_interval_s", "tree_budget",
+            "watch_interval_s", "tree_budget", "branches",
         )
     }  # fmt: skip
     if getattr(args, "auto_draft", False):
@@ -144,6 +148,7 @@ class LoadedBundle:
             pipeline=config.pipeline,
             tree_budget=config.tree_budget,
             auto_draft=config.auto_draft,
+            branches=config.branches,
             max_support=config.max_support,
             return_top_k=config.return_top_k,
             client_id=config.client_id,

@@ -33,6 +33,8 @@ class GenerationStats:
     num_stale_frames: int  # pipelined frames discarded after a rejection (or by the bonus rule)
     num_merged_frames: int  # verdicts judged in an earlier frame's target pass (a merged continuation)
     num_bonus_kept: int  # pipelined frames whose bonus came with their verdict instead of being deferred
+    num_branch_frames: int  # branches sent: frames drafted on a guessed verdict (DecoderConfig.branches)
+    num_branch_hits: int  # branches whose guess came true (the verifier went on without waiting for the edge)
     num_local_tokens: int  # tokens the drafter emitted without verification
     num_trusted: int  # gated mode: tokens emitted on the gate's trust (sent to the cloud as committed)
     cloud_calls_per_token: float
@@ -73,6 +75,8 @@ class StatsCounter:
         self.num_stale_frames = 0
         self.num_merged_frames = 0
         self.num_bonus_kept = 0
+        self.num_branch_frames = 0
+        self.num_branch_hits = 0
         self.num_local_tokens = 0
         self.num_trusted = 0
         self.bytes_up = 0
@@ -124,6 +128,8 @@ class StatsCounter:
             num_stale_frames=self.num_stale_frames,
             num_merged_frames=self.num_merged_frames,
             num_bonus_kept=self.num_bonus_kept,
+            num_branch_frames=self.num_branch_frames,
+            num_branch_hits=self.num_branch_hits,
             num_local_tokens=self.num_local_tokens,
             num_trusted=self.num_trusted,
             cloud_calls_per_token=self.num_cloud_frames / per_token,

@@ -153,6 +153,7 @@ def encode_edge_frame(message: EdgeMessage) -> pb.EdgeFrame:
                 draft_dists=[encode_sparse(d) for d in message.draft_dists],
                 expects_continuation=message.expects_continuation,
                 parents=message.parents,
+                branch_of=message.branch_of,
             )
         )
     return pb.EdgeFrame(close=pb.SessionClose(reason=message.reason))
@@ -192,6 +193,7 @@ def decode_edge_frame(frame: pb.EdgeFrame) -> EdgeMessage:
             draft_dists=dists,
             expects_continuation=draft.expects_continuation,
             parents=tuple(draft.parents),
+            branch_of=draft.branch_of if draft.HasField("branch_of") else None,
         )
     if which == "close":
         return SessionClose(reason=frame.close.reason)

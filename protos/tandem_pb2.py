@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etandemspec/protos/tandem.proto\x12\rtandemspec.v1\"\r\n\x0bInfoRequest\"\x85\x01\n\x06Limits\x12\x1a\n\x12max_context_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_return_top_k\x18\x04 \x01(\r\x12\x13\n\x0bmax_support\x18\x05 \x01(\r\"\xc9\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12%\n\x06limits\x18\x04 \x01(\x0b\x32\x15.tandemspec.v1.Limits\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x83\x02\n\x0bSessionOpen\x12\x12\n\nprompt_ids\x18\x01 \x03(\r\x12/\n\x08sampling\x18\x02 \x01(\x0b\x32\x1d.tandemspec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12(\n\x04kind\x18\x05 \x01(\x0e\x32\x1a.tandemspec.v1.SessionKind\x12\x14\n\x0creturn_top_k\x18\x06 \x01(\r\x12\x10\n\x08stop_ids\x18\x07 \x03(\r\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x13\n\x0bkeeps_bonus\x18\t \x01(\x08\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xc3\x01\n\nDraftFrame\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x15\n\rcommitted_ids\x18\x04 \x03(\r\x12\x11\n\tdraft_ids\x18\x05 \x03(\r\x12.\n\x0b\x64raft_dists\x18\x06 \x03(\x0b\x32\x19.tandemspec.v1.SparseDist\x12\x1c\n\x14\x65xpects_continuation\x18\x07 \x01(\x08\x12\x0f\n\x07parents\x18\x08 \x03(\x11\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x01\n\tEdgeFrame\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.tandemspec.v1.SessionOpenH\x00\x12*\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x19.tandemspec.v1.DraftFrameH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.tandemspec.v1.SessionCloseH\x00\x42\x06\n\x04kind\"M\n\x0cSessionReady\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\r\x12\x12\n\nprefill_ms\x18\x03 \x01(\x02\"\xb9\x02\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x18\n\x10\x63ommitted_length\x18\x03 \x01(\r\x12\x15\n\rnum_committed\x18\x04 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x05 \x01(\r\x12\x17\n\nnext_token\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x07 \x01(\x0c\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12/\n\x0ctarget_top_k\x18\t \x03(\x0b\x32\x19.tandemspec.v1.SparseDist\x12\x12\n\ncompute_ms\x18\n \x01(\x02\x12\r\n\x05stale\x18\x0b \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x0c \x03(\r\x12\x13\n\x0bshared_pass\x18\r \x01(\x08\x42\r\n\x0b_next_token\"2\n\x0fGeneratedTokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\"4\n\x0bSessionDone\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rnum_generated\x18\x02 \x01(\r\":\n\x05\x45rror\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\r\"\xf2\x01\n\nCloudFrame\x12,\n\x05ready\x18\x01 \x01(\x0b\x32\x1b.tandemspec.v1.SessionReadyH\x00\x12)\n\x07verdict\x18\x02 \x01(\x0b\x32\x16.tandemspec.v1.VerdictH\x00\x12\x30\n\x06tokens\x18\x03 \x01(\x0b\x32\x1e.tandemspec.v1.GeneratedTokensH\x00\x12*\n\x04\x64one\x18\x04 \x01(\x0b\x32\x1a.tandemspec.v1.SessionDoneH\x00\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.tandemspec.v1.ErrorH\x00\x42\x06\n\x04kind*_\n\x0bSessionKind\x12\x1c\n\x18SESSION_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SESSION_KIND_VERIFY\x10\x01\x12\x19\n\x15SESSION_KIND_GENERATE\x10\x02\x32\x8e\x01\n\x08Verifier\x12?\n\x04Info\x12\x1a.tandemspec.v1.InfoRequest\x1a\x1b.tandemspec.v1.InfoResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x18.tandemspec.v1.EdgeFrame\x1a\x19.tandemspec.v1.CloudFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etandemspec/protos/tandem.proto\x12\rtandemspec.v1\"\r\n\x0bInfoRequest\"\x85\x01\n\x06Limits\x12\x1a\n\x12max_context_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_return_top_k\x18\x04 \x01(\r\x12\x13\n\x0bmax_support\x18\x05 \x01(\r\"\xc9\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12%\n\x06limits\x18\x04 \x01(\x0b\x32\x15.tandemspec.v1.Limits\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x83\x02\n\x0bSessionOpen\x12\x12\n\nprompt_ids\x18\x01 \x03(\r\x12/\n\x08sampling\x18\x02 \x01(\x0b\x32\x1d.tandemspec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12(\n\x04kind\x18\x05 \x01(\x0e\x32\x1a.tandemspec.v1.SessionKind\x12\x14\n\x0creturn_top_k\x18\x06 \x01(\r\x12\x10\n\x08stop_ids\x18\x07 \x03(\r\x12\x11\n\tclient_id\x18\x08 \x01(\t\x12\x13\n\x0bkeeps_bonus\x18\t \x01(\x08\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xe9\x01\n\nDraftFrame\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x15\n\rcommitted_ids\x18\x04 \x03(\r\x12\x11\n\tdraft_ids\x18\x05 \x03(\r\x12.\n\x0b\x64raft_dists\x18\x06 \x03(\x0b\x32\x19.tandemspec.v1.SparseDist\x12\x1c\n\x14\x65xpects_continuation\x18\x07 \x01(\x08\x12\x0f\n\x07parents\x18\x08 \x03(\x11\x12\x16\n\tbranch_of\x18\t \x01(\rH\x00\x88\x01\x01\x42\x0c\n\n_branch_of\"\x1e\n\x0cSessionClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x01\n\tEdgeFrame\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.tandemspec.v1.SessionOpenH\x00\x12*\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x19.tandemspec.v1.DraftFrameH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.tandemspec.v1.SessionCloseH\x00\x42\x06\n\x04kind\"M\n\x0cSessionReady\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\r\x12\x12\n\nprefill_ms\x18\x03 \x01(\x02\"\xb9\x02\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x18\n\x10\x63ommitted_length\x18\x03 \x01(\r\x12\x15\n\rnum_committed\x18\x04 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x05 \x01(\r\x12\x17\n\nnext_token\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x07 \x01(\x0c\x12\x12\n\nnum_labels\x18\x08 \x01(\r\x12/\n\x0ctarget_top_k\x18\t \x03(\x0b\x32\x19.tandemspec.v1.SparseDist\x12\x12\n\ncompute_ms\x18\n \x01(\x02\x12\r\n\x05stale\x18\x0b \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x0c \x03(\r\x12\x13\n\x0bshared_pass\x18\r \x01(\x08\x42\r\n\x0b_next_token\"2\n\x0fGeneratedTokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\"4\n\x0bSessionDone\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rnum_generated\x18\x02 \x01(\r\":\n\x05\x45rror\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\r\"\xf2\x01\n\nCloudFrame\x12,\n\x05ready\x18\x01 \x01(\x0b\x32\x1b.tandemspec.v1.SessionReadyH\x00\x12)\n\x07verdict\x18\x02 \x01(\x0b\x32\x16.tandemspec.v1.VerdictH\x00\x12\x30\n\x06tokens\x18\x03 \x01(\x0b\x32\x1e.tandemspec.v1.GeneratedTokensH\x00\x12*\n\x04\x64one\x18\x04 \x01(\x0b\x32\x1a.tandemspec.v1.SessionDoneH\x00\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.tandemspec.v1.ErrorH\x00\x42\x06\n\x04kind*_\n\x0bSessionKind\x12\x1c\n\x18SESSION_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SESSION_KIND_VERIFY\x10\x01\x12\x19\n\x15SESSION_KIND_GENERATE\x10\x02\x32\x8e\x01\n\x08Verifier\x12?\n\x04Info\x12\x1a.tandemspec.v1.InfoRequest\x1a\x1b.tandemspec.v1.InfoResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x18.tandemspec.v1.EdgeFrame\x1a\x19.tandemspec.v1.CloudFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandemspec.protos.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONKIND']._serialized_start=1983
-  _globals['_SESSIONKIND']._serialized_end=2078
+  _globals['_SESSIONKIND']._serialized_start=2021
+  _globals['_SESSIONKIND']._serialized_end=2116
   _globals['_INFOREQUEST']._serialized_start=49
   _globals['_INFOREQUEST']._serialized_end=62
   _globals['_LIMITS']._serialized_start=65
@@ -46,23 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPARSEDIST']._serialized_start=749
   _globals['_SPARSEDIST']._serialized_end=789
   _globals['_DRAFTFRAME']._serialized_start=792
-  _globals['_DRAFTFRAME']._serialized_end=987
-  _globals['_SESSIONCLOSE']._serialized_start=989
-  _globals['_SESSIONCLOSE']._serialized_end=1019
-  _globals['_EDGEFRAME']._serialized_start=1022
-  _globals['_EDGEFRAME']._serialized_end=1175
-  _globals['_SESSIONREADY']._serialized_start=1177
-  _globals['_SESSIONREADY']._serialized_end=1254
-  _globals['_VERDICT']._serialized_start=1257
-  _globals['_VERDICT']._serialized_end=1570
-  _globals['_GENERATEDTOKENS']._serialized_start=1572
-  _globals['_GENERATEDTOKENS']._serialized_end=1622
-  _globals['_SESSIONDONE']._serialized_start=1624
-  _globals['_SESSIONDONE']._serialized_end=1676
-  _globals['_ERROR']._serialized_start=1678
-  _globals['_ERROR']._serialized_end=1736
-  _globals['_CLOUDFRAME']._serialized_start=1739
-  _globals['_CLOUDFRAME']._serialized_end=1981
-  _globals['_VERIFIER']._serialized_start=2081
-  _globals['_VERIFIER']._serialized_end=2223
+  _globals['_DRAFTFRAME']._serialized_end=1025
+  _globals['_SESSIONCLOSE']._serialized_start=1027
+  _globals['_SESSIONCLOSE']._serialized_end=1057
+  _globals['_EDGEFRAME']._serialized_start=1060
+  _globals['_EDGEFRAME']._serialized_end=1213
+  _globals['_SESSIONREADY']._serialized_start=1215
+  _globals['_SESSIONREADY']._serialized_end=1292
+  _globals['_VERDICT']._serialized_start=1295
+  _globals['_VERDICT']._serialized_end=1608
+  _globals['_GENERATEDTOKENS']._serialized_start=1610
+  _globals['_GENERATEDTOKENS']._serialized_end=1660
+  _globals['_SESSIONDONE']._serialized_start=1662
+  _globals['_SESSIONDONE']._serialized_end=1714
+  _globals['_ERROR']._serialized_start=1716
+  _globals['_ERROR']._serialized_end=1774
+  _globals['_CLOUDFRAME']._serialized_start=1777
+  _globals['_CLOUDFRAME']._serialized_end=2019
+  _globals['_VERIFIER']._serialized_start=2119
+  _globals['_VERIFIER']._serialized_end=2261
 # @@protoc_insertion_point(module_scope)

@@ -97,7 +97,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftFrame(_message.Message):
-    __slots__ = ("seq", "epoch", "position", "committed_ids", "draft_ids", "draft_dists", "expects_continuation", "parents")
+    __slots__ = ("seq", "epoch", "position", "committed_ids", "draft_ids", "draft_dists", "expects_continuation", "parents", "branch_of")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class DraftFrame(_message.Message):
     DRAFT_DISTS_FIELD_NUMBER: _ClassVar[int]
     EXPECTS_CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_OF_FIELD_NUMBER: _ClassVar[int]
     seq: int
     epoch: int
     position: int
@@ -114,7 +115,8 @@ class DraftFrame(_message.Message):
     draft_dists: _containers.RepeatedCompositeFieldContainer[SparseDist]
     expects_continuation: bool
     parents: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., committed_ids: _Optional[_Iterable[int]] = ..., draft_ids: _Optional[_Iterable[int]] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., expects_continuation: _Optional[bool] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
+    branch_of: int
+    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., committed_ids: _Optional[_Iterable[int]] = ..., draft_ids: _Optional[_Iterable[int]] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., expects_continuation: _Optional[bool] = ..., parents: _Optional[_Iterable[int]] = ..., branch_of: _Optional[int] = ...) -> None: ...
 
 class SessionClose(_message.Message):
     __slots__ = ("reason",)

@@ -107,6 +107,13 @@ def _dynamic_draft_args(parser: argparse.ArgumentParser) -> None:
         help="lossless chains: choose each frame's draft length (1-16) from the measured round trip, verify and "
         "drafter costs and acceptance (docs/trees.md)",
     )
+    parser.add_argument(
+        "--branches",
+        type=int,
+        help="greedy pipelined chains: while a verdict is awaited, also send up to N branches drafted on its "
+        "likeliest other outcomes (a rejection and its correction, another bonus); the verifier goes on with the "
+        "one that came true without a round trip (0 = none; 2)",
+    )
 
 
 def _edge_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -217,9 +224,10 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         help="comma-separated subset of cloud,local,lossless-sync,lossless,lossless-defer,lossless-sync-auto,"
-        "lossless-auto,gated,chain,tree (default: cloud,local,lossless-sync,lossless,gated; lossless-defer: pipelined "
-        "with the bonus deferred, as before the bonus rule; *-auto: --auto-draft chains; gated runs one operating "
-        "point per gate kind and quality floor, chain and tree one mode per size)",
+        "lossless-auto,lossless-nobranch,gated,chain,tree (default: cloud,local,lossless-sync,lossless,gated; "
+        "lossless-defer: pipelined with the bonus deferred, as before the bonus rule; lossless-nobranch: pipelined "
+        "with no branch frames, as before them; *-auto: --auto-draft chains; gated runs one operating point per gate "
+        "kind and quality floor, chain and tree one mode per size)",
     )
     parser.add_argument(
         "--gate-kinds", help="gated: comma-separated trust scores among learned,entropy,top1 (default: all three)"

@@ -33,6 +33,11 @@ committed
 epoch
     The number of rollbacks in a session. Every rejection starts a new epoch; a frame
     stamped with an older epoch was drafted on a discarded future and is *stale*.
+branch
+    A frame drafted before an earlier frame's verdict on a guess of it (``DraftFrame.branch_of``):
+    a rejection and its correction, or another bonus. Its first draft token is the guessed
+    token, in the epoch that verdict would leave; it is live only when the guess came true,
+    else stale with no pass (docs/architecture.md "Branches").
 position
     Absolute index in the session's token sequence (the prompt starts at 0).
 bundle
@@ -155,6 +160,10 @@ class DraftFrame:
     # Tree drafts: the parent of each draft token, an index into ``draft_ids`` that is lower
     # than its own (-1 = after the committed tokens); empty = a chain.
     parents: tuple[int, ...] = ()
+    # A branch: pre-drafted on a guess of frame ``branch_of``'s verdict (its first draft token is
+    # the guessed correction or bonus); live only when that guess comes true (docs/architecture.md
+    # "Branches"). None: an ordinary frame.
+    branch_of: int | None = None
 
     @property
     def num_tokens(self) -> int:

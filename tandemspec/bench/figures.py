@@ -198,6 +198,7 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 PIPELINE_PAIRS = (
     ("lossless", "lossless-sync"),
     ("lossless-defer", "lossless-sync"),
+    ("lossless-nobranch", "lossless-sync"),
     ("lossless-auto", "lossless-sync-auto"),
 )
 
@@ -262,6 +263,8 @@ def run_rows(runs: Sequence[PromptRun]) -> list[dict[str, Any]]:
         "num_stale_frames",
         "num_merged_frames",
         "num_bonus_kept",
+        "num_branch_frames",
+        "num_branch_hits",
     )
     return [
         {"mode": r.mode, "rtt_ms": r.rtt_ms, "prompt_index": r.prompt_index, "tpot_ms": r.tpot_s * 1e3}

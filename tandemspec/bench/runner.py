@@ -2,9 +2,10 @@
 
 For each link setting (round-trip delay) the runner walks the prompts once; for each
 prompt it runs every mode in turn (``cloud``, ``local``, ``lossless-sync``, ``lossless``,
-``lossless-defer``, ``lossless-sync-auto`` and ``lossless-auto`` when asked for (pipelined
-with the bonus deferred, the behaviour before the bonus rule; chains whose length is chosen
-from the measured costs: docs/trees.md), then one ``gated-KIND@Q`` mode per gate kind and
+``lossless-defer``, ``lossless-nobranch``, ``lossless-sync-auto`` and ``lossless-auto`` when
+asked for (pipelined with the bonus deferred, the behaviour before the bonus rule; pipelined
+without branch frames, as before them; chains whose length is chosen from the measured
+costs: docs/trees.md), then one ``gated-KIND@Q`` mode per gate kind and
 quality floor, one ``lossless-sync-kN`` chain per extra draft length, ``lossless-sync-treeN``
 and ``lossless-treeN`` per tree budget), so slow drift of a shared machine hits all modes
 alike. Each run records the generated ids, the decoder's statistics, the verifier's pass
@@ -53,6 +54,7 @@ class BenchMode:
     tree_budget: int = 0  # draft trees of this many tokens per frame (0 = chains)
     keep_bonus: bool = True  # pipelined greedy frames keep their bonus (False: deferred, as before)
     auto_draft: bool = False  # chains: each frame's length chosen from the measured costs
+    branches: int = DecoderConfig.branches  # pipelined greedy chains: branch frames per awaited verdict
 
 
 # The registry of fixed modes, in the interleaving order.
@@ -64,6 +66,7 @@ MODES: tuple[BenchMode, ...] = (
     BenchMode("lossless-defer", "lossless", pipeline=True, keep_bonus=False),
     BenchMode("lossless-sync-auto", "lossless", pipeline=False, auto_draft=True),
     BenchMode("lossless-auto", "lossless", pipeline=True, auto_draft=True),
+    BenchMode("lossless-nobranch", "lossless", pipeline=True, branches=0),
 )
 # Families, not modes: one bench mode per (gate kind, quality floor), see gated_modes; per
 # extra chain draft length, see chain_modes; per tree budget, see tree_modes.
@@ -312,6 +315,7 @@ def build_edge(
             gate_check_every=config.gate_check_every,
             keep_bonus=mode.keep_bonus,
             auto_draft=mode.auto_draft,
+            branches=mode.branches,
         )
         gate = gates.get(mode.name)
         if mode.gate is not None and gate is None:

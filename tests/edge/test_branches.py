@@ -1,0 +1,86 @@
+"""Branch frames from the edge: pre-drafted guesses of an awaited verdict (DecoderConfig.branches),
+through a real verifier behind the link emulator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tandemspec.bench.link import LinkConfig, run_in_thread
+from tandemspec.edge.decoder import DecoderConfig, HybridDecoder, _runner_up
+
+PROMPTS = ("def add(a, b):\n    return", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self")
+RTT_MS = 40.0  # long enough that branches are drafted before each verdict arrives
+
+
+def test_runner_up_is_the_likeliest_other_token() -> None:
+    logits = np.array([0.0, 3.0, 1.0, 2.5], dtype=np.float32)
+    log_p, runner, runner_log_p = _runner_up(logits, 1)
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert runner == 3
+    assert log_p == pytest.approx(np.log(probs[1])) and runner_log_p == pytest.approx(np.log(probs[3]))
+    assert _runner_up(logits, 3)[1] == 1  # never the token itself
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_branches_are_lossless_and_some_guesses_come_true(
+    family: str, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
+) -> None:
+    """With two branches per awaited verdict: the target's greedy output; where the drafter errs, some
+    branches hit (the verifier went on with them); the edge and the verifier agree on every branch (a disagreement
+    would end the session and the generation would fall back to local, failing exactness); no
+    more target passes than the same generations without branches."""
+    verifier = verifier_for(family)
+    upstream_port = int(verifier.address.rsplit(":", 1)[1])
+    totals: dict[int, dict[str, int]] = {}
+    with run_in_thread("127.0.0.1", upstream_port, LinkConfig(rtt_ms=RTT_MS)) as link:
+        for branches in (0, 2):
+            decoder = make_decoder(family, link.address, branches=branches)
+            before = verifier.metrics.snapshot()
+            counts = {"passes": 0, "sent": 0, "hits": 0, "rejected": 0}
+            for text in PROMPTS:
+                result = lossless_greedy(decoder, family, text, 32, branches)
+                assert not result.stats.fell_back_to_local
+                counts["passes"] += result.stats.num_target_passes
+                counts["sent"] += result.stats.num_branch_frames
+                counts["hits"] += result.stats.num_branch_hits
+                counts["rejected"] += result.stats.num_drafted - result.stats.num_accepted
+            after = verifier.metrics.snapshot()
+            counts["server_hits"] = int(after["branch_hits"] - before["branch_hits"])
+            counts["server_misses"] = int(after["branch_misses"] - before["branch_misses"])
+            totals[branches] = counts
+    none, some = totals[0], totals[2]
+    assert none["sent"] == 0 and none["server_hits"] + none["server_misses"] == 0
+    assert some["sent"] > 0, totals
+    # some guesses come true where the drafter errs (on the tiny GPT-2 pair its runner-up never
+    # was the target's token: random weights give flat distributions)
+    assert some["rejected"] > 0 and (some["hits"] > 0 or family == "gpt2"), totals
+    assert some["server_hits"] == some["hits"], totals  # both sides took the same branches
+    # every branch sent was settled by the verifier (frames still in flight at the end included)
+    assert some["server_hits"] + some["server_misses"] >= some["sent"] - 2 * len(PROMPTS), totals
+    assert some["passes"] <= none["passes"], totals
+
+
+def test_no_branches_where_they_cannot_apply(
+    make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
+) -> None:
+    """Synchronous decoding, trees and a deferred bonus send no branches (and stay lossless)."""
+    address = verifier_for("llama").address
+    for fields in ({"pipeline": False}, {"tree_budget": 6}, {"keep_bonus": False}):
+        decoder = make_decoder("llama", address, branches=2, **fields)
+        result = lossless_greedy(decoder, "llama", PROMPTS[0], 16, fields)
+        assert result.stats.num_branch_frames == 0, fields
+
+
+def test_branches_config_and_flag(tmp_path: Any) -> None:
+    from tandemspec.cli import build_parser
+    from tandemspec.edge.runtime import config_from_args
+
+    with pytest.raises(ValueError, match="branches"):
+        DecoderConfig(branches=-1)
+    for command in (["edge", "generate", "--prompt", "x"], ["edge", "serve"]):
+        assert config_from_args(build_parser().parse_args([*command, "--branches", "3"])).branches == 3
+        assert config_from_args(build_parser().parse_args(command)).branches == 2
