@@ -84,3 +84,26 @@ def test_branches_config_and_flag(tmp_path: Any) -> None:
     for command in (["edge", "generate", "--prompt", "x"], ["edge", "serve"]):
         assert config_from_args(build_parser().parse_args([*command, "--branches", "3"])).branches == 3
         assert config_from_args(build_parser().parse_args(command)).branches == 2
+
+
+def test_branch_rounds_reach_the_device_log(
+    make_decoder: Callable[..., HybridDecoder],
+    verifier_for: Callable[[str], Any],
+    lossless_greedy: Any,
+    tmp_path: Any,
+) -> None:
+    """With a device log, a branch that came true is logged like any round: one record per verified
+    round, every token with its gate features (the guessed root's are those of the position it
+    was guessed at)."""
+    from tandemspec.edge.devicelog import DeviceLog
+
+    upstream_port = int(verifier_for("llama").address.rsplit(":", 1)[1])
+    with DeviceLog(tmp_path / "device.db") as log, run_in_thread("127.0.0.1", upstream_port) as link:
+        link.set_link(LinkConfig(rtt_ms=RTT_MS))
+        decoder = make_decoder("llama", link.address, log=log, branches=2)
+        results = [lossless_greedy(decoder, "llama", text, 32) for text in PROMPTS]
+        rounds = list(log.iter_rounds())
+    assert sum(r.stats.num_branch_hits for r in results) > 0
+    assert len(rounds) == sum(r.stats.num_rounds for r in results)
+    features = np.stack([t.features for r in rounds for t in r.tokens])
+    assert features.shape[1] == rounds[0].tokens[0].features.shape[0] and np.isfinite(features).all()
