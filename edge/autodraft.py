@@ -15,14 +15,18 @@ the expected time per generated token.
 * Chains, from a per-token acceptance ``a`` (tokens accepted independently, until the first
   rejection): ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)``, drafting ``k d`` at
   ``d`` s per drafter call, ``p = a^k``; the length is the ``k`` in ``1 .. max_length``.
-* Trees: ``E(B)``, the drafting time (depth-many batched drafter calls, not ``B`` of them)
-  and ``p(B)`` (frames accepted to the tip, the path a pipelined successor assumes) are
-  measured per budget. A budget not yet measured takes the chain model's values for a
-  chain as deep as the tree is likely to be, ``ceil(B / top_k)`` (with ``top_k`` children
-  per expanded node, about that many levels), scaled by how the nearest measured budget did
-  against its own such chain (a tree commits more than its tip's chain where second choices
-  are right); that guess also starts its means, as a prior worth one observation. The
-  budget is one of :data:`TREE_LADDER` up to the largest allowed.
+* Trees: ``E(B)``, the tree's depth (drafting it takes depth-many batched drafter calls at
+  ``d`` each, not ``B`` of them) and ``p(B)`` (frames accepted to the tip, the path a
+  pipelined successor assumes) are measured per budget; a greedy tree also shows, by its
+  tokens' ranks, what each smaller budget on the ladder would have accepted in the same
+  round, and ``E`` of a budget is that of the next smaller one plus the gain measured in
+  such pairs (much less noisy than separate means of rarely drafted budgets). A budget not
+  yet measured takes the chain model's values for a chain as deep as the tree is likely to
+  be, ``ceil(B / top_k)`` (with ``top_k`` children per expanded node, about that many
+  levels), scaled by how the nearest measured budget did against its own such chain (a tree
+  commits more than its tip's chain where second choices are right); that guess also starts
+  its means, as a prior worth one observation. The budget is one of :data:`TREE_LADDER` up
+  to the largest allowed.
 
 :class:`CostEstimator` keeps the estimates online, with exponential forgetting and priors,
 so a decoder adapts to its link and verifier across generations. The verify cost's slope
@@ -31,12 +35,14 @@ shrunk towards a flat pass by a prior worth a spread of ``_RIDGE`` squared token
 line fitted to a narrow spread of noisy timings on shared cores extrapolates wildly
 (measured: a 10 ms-per-token slope and no fixed cost, which chose 1-2 token frames). One
 round in ``_EXPLORE_EVERY`` takes a neighbour of the choice (alternately larger and smaller:
-a chain two tokens away, a tree the next budget on the ladder), which spreads the sizes for
-the slope and keeps the sizes near the optimum measured; the rule is deterministic.
+a chain two tokens away, a tree the next budget on the ladder; a greedy tree, whose smaller
+budgets are seen inside it, the next larger one), which spreads the sizes for the slope and
+keeps the sizes near the optimum measured; the rule is deterministic.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -162,15 +168,14 @@ class _Mean:
 
 
 class _TreeMeans:
-    """The measured rounds of one tree budget, started from the prior."""
+    """The measured rounds of one tree budget (also seen inside larger greedy trees), from the prior."""
 
-    def __init__(self, prior: Round) -> None:
-        self.tokens = _Mean(prior.tokens, 1.0)
-        self.draft = _Mean(prior.draft_s, 1.0)
-        self.tip = _Mean(prior.tip_rate, 1.0)
-
-    def round(self, budget: int) -> Round:
-        return Round(budget, self.tokens.value, self.draft.value, min(max(self.tip.value, 0.0), 1.0))
+    def __init__(self, tokens: float, tip_rate: float, levels: float) -> None:
+        self.tokens = _Mean(tokens, 1.0)
+        self.tip = _Mean(tip_rate, 1.0)
+        self.levels = _Mean(levels, 1.0)  # the tree's depth: batched drafter calls
+        # tokens over the next smaller budget on the ladder, paired within the same rounds (greedy trees)
+        self.gain: _Mean | None = None
 
 
 class CostEstimator:
@@ -204,10 +209,9 @@ class CostEstimator:
                 self._draft.add(seconds, num_tokens)
 
     def observe_tree_draft(self, parents: tuple[int, ...], seconds: float) -> None:
-        """A tree of ``len(parents)`` tokens drafted in ``seconds``, about one drafter call per level."""
+        """A tree drafted in ``seconds``: about one (batched) drafter call per level."""
         if parents:
             with self._lock:
-                self._tree(len(parents)).draft.add(seconds)
                 self._draft.add(seconds, max(DraftTree(parents).depths()) + 1)
 
     def observe_round(self, num_draft: int, num_accepted: int, fully_accepted: bool, compute_s: float) -> None:
@@ -223,31 +227,48 @@ class CostEstimator:
         num_new: int,
         known_root: int | None = None,
         compute_s: float | None = None,
+        ranks: Sequence[int] = (),
     ) -> None:
         """One judged tree frame: ``path`` accepted (root to leaf), ``num_new`` tokens committed.
 
         ``known_root``: the root an earlier verdict's bonus committed (a kept continuation: the
         verifier judged only that root's subtree); ``compute_s``: its pass (None: it shared one).
-        The tip path feeds the per-token acceptance as a chain would.
+        The tip path feeds the per-token acceptance as a chain would. ``ranks`` (greedy trees:
+        each token's place by score, :attr:`~tandemspec.edge.tree.GrownTree.ranks`): the smaller
+        budgets on the ladder are observed too, as the tree of their ``b`` best tokens, which
+        would have accepted the part of ``path`` inside it (the matching child of a node is
+        the target's argmax, whichever tree holds it).
         """
         tree = DraftTree(parents)
         tip = tree.tip_path()
         reached = tree.reaches_tip(tuple(path))
         on_tip = next((i for i, (a, b) in enumerate(zip(path, tip, strict=False)) if a != b), min(len(path), len(tip)))
         known = int(known_root is not None)
+        rounds = [(len(parents), num_new, reached, max(tree.depths()) + 1)]
+        rounds += [_nested_round(tree, ranks, b, path, num_new, known) for b in TREE_LADDER if b < len(ranks)]
         with self._lock:
-            means = self._tree(len(parents))
-            means.tokens.add(num_new)
-            means.tip.add(float(reached))
+            below: tuple[int, int] | None = None  # the last (smaller) budget of this round and its tokens
+            for budget, tokens, tip_reached, levels in [*rounds[1:], rounds[0]]:  # ascending
+                means = self._tree(budget)
+                means.tokens.add(tokens)
+                means.tip.add(float(tip_reached))
+                means.levels.add(levels)
+                if below is not None:
+                    if means.gain is None:
+                        now = self._costs().trees
+                        means.gain = _Mean(max(now[budget].tokens - now[below[0]].tokens, 0.0), 1.0)
+                    means.gain.add(tokens - below[1])
+                below = (budget, tokens)
             self._observe_acceptance(max(on_tip - known, 0), reached)
             if compute_s is not None:
-                self._observe_pass(
-                    len(parents) if known_root is None else _subtree_size(parents, known_root), compute_s
-                )
+                size = len(parents) if known_root is None else _subtree_size(parents, known_root)
+                self._observe_pass(size, compute_s)
 
     def _tree(self, budget: int) -> _TreeMeans:
         if budget not in self._trees:
-            self._trees[budget] = _TreeMeans(self._costs().tree_prior(budget))
+            prior = self._costs().tree_prior(budget)
+            levels = prior.draft_s / self._draft.value if self._draft.value > 0 else 1.0
+            self._trees[budget] = _TreeMeans(prior.tokens, prior.tip_rate, levels)
         return self._trees[budget]
 
     def _observe_acceptance(self, num_accepted: int, fully_accepted: bool) -> None:
@@ -270,13 +291,25 @@ class CostEstimator:
             var = self._xx / self._n - mean_x**2
             slope = max(0.0, (self._xy / self._n - mean_x * mean_y) / (max(var, 0.0) + _RIDGE))
             intercept = max(0.0, mean_y - slope * mean_x)
+        # E(B): the next smaller ladder budget's plus the paired gain where measured (greedy trees), a
+        # less noisy estimate for budgets drafted rarely; else the budget's own mean
+        tokens: dict[int, float] = {}
+        for b in sorted(self._trees):
+            means, below = self._trees[b], [p for p in tokens if p in TREE_LADDER and p < b]
+            tokens[b] = (
+                tokens[max(below)] + means.gain.value if means.gain is not None and below else means.tokens.value
+            )
+        d = self._draft.value
         return Costs(
             rtt_s=self._rtt.value,
-            draft_s_per_token=self._draft.value,
+            draft_s_per_token=d,
             verify_s=intercept,
             verify_s_per_token=slope,
             acceptance=min(max(self._accepted.value, 0.0), 1.0),
-            trees={budget: means.round(budget) for budget, means in self._trees.items()},
+            trees={
+                b: Round(b, tokens[b], d * m.levels.value, min(max(m.tip.value, 0.0), 1.0))
+                for b, m in self._trees.items()
+            },
             tree_top_k=self._tree_top_k,
         )
 
@@ -285,21 +318,40 @@ class CostEstimator:
         lengths = range(1, max(1, max_length) + 1)
         return lengths[self._explore(len(lengths), best_length(self.costs(), max_length, pipelined) - 1, 2)]
 
-    def choose_budget(self, max_budget: int, pipelined: bool) -> int:
-        """The next tree frame's budget: :func:`best_budget`, the next rung one round in ``_EXPLORE_EVERY``."""
+    def choose_budget(self, max_budget: int, pipelined: bool, nested: bool = False) -> int:
+        """The next tree frame's budget: :func:`best_budget`, the next rung one round in ``_EXPLORE_EVERY``
+        (``nested``: greedy trees, whose smaller budgets are seen inside them: always the rung above)."""
         budgets = tree_budgets(max_budget)
         best = budgets.index(best_budget(self.costs(), max_budget, pipelined))
-        return budgets[self._explore(len(budgets), best, 1)]
+        return budgets[self._explore(len(budgets), best, 1, nested)]
 
-    def _explore(self, num: int, best: int, step: int) -> int:
-        """``best``, or one round in ``_EXPLORE_EVERY`` the index ``step`` away, alternately up and down."""
+    def _explore(self, num: int, best: int, step: int, up_only: bool = False) -> int:
+        """``best``, or one round in ``_EXPLORE_EVERY`` the index ``step`` away, alternately up and down
+        (or up while it can)."""
         with self._lock:
             self._rounds += 1
             explore = self._rounds % _EXPLORE_EVERY == 0 and num > 1
-            up = (self._rounds // _EXPLORE_EVERY) % 2 == 1
+            up = up_only or (self._rounds // _EXPLORE_EVERY) % 2 == 1
         if not explore:
             return best
         return min(best + step, num - 1) if (up and best < num - 1) or best == 0 else max(best - step, 0)
+
+
+def _nested_round(
+    tree: DraftTree, ranks: Sequence[int], budget: int, path: Sequence[int], num_new: int, known: int
+) -> tuple[int, int, bool, int]:
+    """(budget, tokens committed, tip reached, levels) of the tree of the ``budget`` best-ranked tokens,
+    judged greedily by the same target rows as the whole tree (whose accepted ``path`` committed ``num_new``)."""
+    inside = [rank < budget for rank in ranks]
+    accepted = list(itertools.takewhile(lambda node: inside[node], path))
+    children = tree.children()
+    tip: list[int] = []
+    while kids := [c for c in children[(tip[-1] if tip else -1) + 1] if inside[c]]:
+        tip.append(min(kids, key=lambda c: ranks[c]))  # the likeliest child: the smaller tree's tip path
+    # a path cut short ends at a correction (or at the bonus after the smaller tree's tip)
+    tokens = num_new if len(accepted) == len(path) else max(len(accepted) - known, 0) + 1
+    levels = max(depth for depth, keep in zip(tree.depths(), inside, strict=True) if keep) + 1
+    return budget, tokens, accepted == tip, levels
 
 
 def _subtree_size(parents: tuple[int, ...], root: int) -> int:

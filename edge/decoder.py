@@ -215,6 +215,7 @@ class _SentFrame:
     bonus_root: int | None = None
     sent_s: float = 0.0  # perf_counter when sent
     alone: bool = False  # sent with no live frame in flight: its verdict times a clean round trip
+    ranks: tuple[int, ...] = ()  # a tree's tokens' places by score (GrownTree.ranks), for auto_draft
 
     def tip_path(self) -> list[int]:
         """Its draft tokens the next frame assumes accepted and not yet committed."""
@@ -230,6 +231,7 @@ class _Block:
     features: np.ndarray | None
     ends_with_eos: bool
     parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
+    ranks: tuple[int, ...] = ()  # a tree's tokens' places by score
 
 
 class _Generation:
@@ -466,7 +468,8 @@ class _Generation:
                 return
             if self.tree_budget:
                 budget = min(self.tree_budget, self.max_frame)
-                budget = self.decoder.costs.choose_budget(budget, depth > 1) if config.auto_draft else budget
+                if config.auto_draft:
+                    budget = self.decoder.costs.choose_budget(budget, depth > 1, nested=self.sampling.is_greedy)
                 block = self._draft_tree(tip, min(budget, room))
                 tip_depth = len(DraftTree(block.parents).tip_path())
                 is_last = block.ids[-1] in self.eos or len(tip) + tip_depth + bonus >= self.session_limit
@@ -531,7 +534,9 @@ class _Generation:
         elapsed = time.perf_counter() - start
         self.stats.draft_s += elapsed
         self.decoder.costs.observe_tree_draft(tree.parents, elapsed)
-        return _Block(list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents)
+        return _Block(
+            list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents, ranks=tree.ranks
+        )
 
     def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
         """The drafted token at ``position`` and, when sampling, the exact truncated q it came from."""
@@ -567,7 +572,7 @@ class _Generation:
         self.stats.num_cloud_frames += 1
         parts = [f for f in (committed_features, block.features) if f is not None]
         features = np.concatenate(parts) if parts else None
-        self.in_flight.append(_SentFrame(frame=frame, features=features, sent_s=sent_s, alone=alone))
+        self.in_flight.append(_SentFrame(frame=frame, features=features, sent_s=sent_s, alone=alone, ranks=block.ranks))
 
     def _await_verdict(self, stream: DecodeStream) -> None:
         message = stream.recv()
@@ -593,7 +598,8 @@ class _Generation:
         if frame.parents and not frame.committed_ids:
             num_new = verdict.num_accepted - known + (verdict.next_token is not None)
             pass_s = None if verdict.shared_pass else compute_s
-            costs.observe_tree_round(frame.parents, verdict.accepted_path, num_new, sent.bonus_root, pass_s)
+            ranks = sent.ranks if self.sampling.is_greedy else ()  # greedy: what smaller budgets would accept
+            costs.observe_tree_round(frame.parents, verdict.accepted_path, num_new, sent.bonus_root, pass_s, ranks)
         elif frame.draft_ids and not frame.committed_ids and not verdict.shared_pass:
             num_draft = len(frame.draft_ids) - known
             costs.observe_round(num_draft, verdict.num_accepted - known, verdict.fully_accepted, compute_s)
