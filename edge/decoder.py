@@ -108,8 +108,9 @@ class DecoderConfig:
     # greedy pipelining: the verifier sends a pipelined frame's bonus and both sides apply the
     # bonus rule (docs/architecture.md "Pipelining"); False: the bonus is deferred
     keep_bonus: bool = True
-    # lossless chains: choose each frame's draft length (up to auto_max_draft) from the measured
-    # round trip, verify cost, drafter cost and acceptance (edge/autodraft.py); draft_length is unused
+    # lossless: choose each frame's draft length (chains, up to auto_max_draft; draft_length is unused)
+    # or tree budget (trees, up to tree_budget) from the measured round trip, verify cost, drafter
+    # cost and acceptance (edge/autodraft.py)
     auto_draft: bool = False
     auto_max_draft: int = 16
     # greedy pipelined chains that keep the bonus: while a frame's verdict is awaited, pre-draft up
@@ -128,8 +129,8 @@ class DecoderConfig:
             raise ValueError(f"branches must be >= 0, got {self.branches}")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
-        if self.auto_draft and (self.tree_budget or self.auto_max_draft < 1):
-            raise ValueError("auto_draft chooses chain lengths: it needs tree_budget 0 and auto_max_draft >= 1")
+        if self.auto_draft and self.auto_max_draft < 1:
+            raise ValueError(f"auto_draft needs auto_max_draft >= 1, got {self.auto_max_draft}")
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class HybridDecoder:
         self.policy = policy or FixedLength(config.auto_max_draft if config.auto_draft else config.draft_length)
         self.gate = gate  # gated mode's trust decision
         # What rounds cost on this decoder's link and verifier, kept across generations (auto_draft).
-        self.costs = CostEstimator()
+        self.costs = CostEstimator(tree_top_k=config.tree_top_k)
         # The session this decoder ended last: the next one opens once the verifier has ended
         # it (its SessionDone), so back-to-back generations never find their own slot still held.
         self.closing_stream: DecodeStream | None = None
@@ -234,6 +235,8 @@ class _SentFrame:
         """Counts on the verifier judging it: not stale, not an unsettled branch."""
         return not self.stale and not self.guess
 
+    ranks: tuple[int, ...] = ()  # a tree's tokens' places by score (GrownTree.ranks), for auto_draft
+
     def tip_path(self) -> list[int]:
         """Its draft tokens the next frame assumes accepted and not yet committed."""
         frame = self.frame
@@ -249,6 +252,7 @@ class _Block:
     ends_with_eos: bool
     parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
     guesses: tuple[tuple[float, int, float], ...] = ()  # see _SentFrame.guesses
+    ranks: tuple[int, ...] = ()  # a tree's tokens' places by score
 
 
 class _Generation:
@@ -510,7 +514,10 @@ class _Generation:
                 return
             self._sync_drafter(tip)  # branches may have left the drafter on another context
             if self.tree_budget:
-                block = self._draft_tree(tip, min(self.tree_budget, self.max_frame, room))
+                budget = min(self.tree_budget, self.max_frame)
+                if config.auto_draft:
+                    budget = self.decoder.costs.choose_budget(budget, depth > 1, nested=self.sampling.is_greedy)
+                block = self._draft_tree(tip, min(budget, room))
                 tip_depth = len(DraftTree(block.parents).tip_path())
                 is_last = block.ids[-1] in self.eos or len(tip) + tip_depth + bonus >= self.session_limit
             else:
@@ -657,8 +664,12 @@ class _Generation:
         depth = max(1, min(config.tree_depth, self.drafter.capacity - len(tip) - 1))  # within the drafter's capacity
         shape = TreeShape(budget, config.tree_top_k, depth)
         tree = grow_tree(self.drafter, logits[-1], shape, self.sampling, self.max_support, self.eos)
-        self.stats.draft_s += time.perf_counter() - start
-        return _Block(list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents)
+        elapsed = time.perf_counter() - start
+        self.stats.draft_s += elapsed
+        self.decoder.costs.observe_tree_draft(tree.parents, elapsed)
+        return _Block(
+            list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents, ranks=tree.ranks
+        )
 
     def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
         """The drafted token at ``position`` and, when sampling, the exact truncated q it came from."""
@@ -700,7 +711,13 @@ class _Generation:
         parts = [f for f in (committed_features, block.features) if f is not None]
         features = np.concatenate(parts) if parts else None
         sent = _SentFrame(
-            frame, features, sent_s=sent_s, alone=alone, guesses=block.guesses, guess=branch_of is not None
+            frame,
+            features,
+            sent_s=sent_s,
+            alone=alone,
+            guesses=block.guesses,
+            guess=branch_of is not None,
+            ranks=block.ranks,
         )
         self.in_flight.append(sent)
 
@@ -725,13 +742,19 @@ class _Generation:
         self._commit(sent, message)
 
     def _observe_costs(self, sent: _SentFrame, verdict: Verdict) -> None:
-        """Feed the decoder's cost estimates (auto_draft): the round trip, and a chain round's pass and acceptance."""
+        """Feed the decoder's cost estimates (auto_draft): the round trip, and a round's pass and acceptance
+        (a tree's also its committed tokens and whether it reached its tip, for its budget)."""
         costs, frame = self.decoder.costs, sent.frame
         compute_s = verdict.compute_ms / 1000.0
         if sent.alone:
             costs.observe_rtt(time.perf_counter() - sent.sent_s - compute_s)
-        if frame.draft_ids and not frame.parents and not frame.committed_ids and not verdict.shared_pass:
-            known = 0 if sent.bonus_root is None else 1  # a kept continuation's root was judged earlier
+        known = 0 if sent.bonus_root is None else 1  # a kept continuation's root was judged earlier
+        if frame.parents and not frame.committed_ids:
+            num_new = verdict.num_accepted - known + (verdict.next_token is not None)
+            pass_s = None if verdict.shared_pass else compute_s
+            ranks = sent.ranks if self.sampling.is_greedy else ()  # greedy: what smaller budgets would accept
+            costs.observe_tree_round(frame.parents, verdict.accepted_path, num_new, sent.bonus_root, pass_s, ranks)
+        elif frame.draft_ids and not frame.committed_ids and not verdict.shared_pass:
             num_draft = len(frame.draft_ids) - known
             costs.observe_round(num_draft, verdict.num_accepted - known, verdict.fully_accepted, compute_s)
 

@@ -55,8 +55,9 @@ class EdgeConfig:
     gate_check_every: int = 16  # verify at least every N tokens (0 = only doubted tokens)
     pipeline: bool = True
     tree_budget: int = 0  # lossless mode: draft trees of this many tokens per frame (0 = chains)
-    # lossless chains: choose each frame's length from the measured round trip, verify and
-    # drafter costs and acceptance, up to 16 (edge/autodraft.py); draft_length is then unused
+    # lossless: choose each frame's length (chains, up to 16; draft_length is then unused) or tree
+    # budget (up to tree_budget) from the measured round trip, verify and drafter costs and
+    # acceptance (edge/autodraft.py)
     auto_draft: bool = False
     # greedy pipelined lossless chains: pre-draft up to this many guessed outcomes of each awaited
     # verdict and send them as branch frames (docs/architecture.md "Branches"; 0 = none), within

@@ -14,7 +14,10 @@ not expanded: its children score lower still and could never be sent.
 Reranking: the ``budget`` best-scoring nodes are sent (ties: shallower first), which is
 closed under ancestors since a child never scores above its parent, in the order they were
 made, so every parent comes before its children, except that the end of the likeliest path
-goes last: it is the frame's *tip*, which a pipelined next frame assumes accepted.
+goes last: it is the frame's *tip*, which a pipelined next frame assumes accepted. Each sent
+node's place in that ranking comes with the tree (``ranks``): the ``b`` best are the tree a
+budget of ``b`` grows (nodes outside it were never expanded for it, or scored below), which
+lets ``auto_draft`` see what a smaller budget would have accepted in the same round.
 
 Sampling: the children are the deterministic top-k, so each is sent with the q it was drawn
 from given its context and earlier siblings, a point mass at itself; the verifier's
@@ -50,11 +53,13 @@ class TreeShape:
 
 @dataclass(frozen=True)
 class GrownTree:
-    """A tree ready to send: ids, parents (-1 = after the context), and q per token when sampling."""
+    """A tree ready to send: ids, parents (-1 = after the context), q per token when sampling, and
+    each token's place among the sent ones by score (0 = the likeliest)."""
 
     ids: tuple[int, ...]
     parents: tuple[int, ...]
     dists: tuple[SparseDist, ...]
+    ranks: tuple[int, ...] = ()
 
 
 def grow_tree(
@@ -104,12 +109,18 @@ def grow_tree(
             else:
                 path_kv[node] = [np.concatenate(pair) for pair in zip(path_kv[parent], own, strict=True)]
             frontier.extend(add_children(node, logits[row]))
-    kept = sorted(sorted(range(len(tokens)), key=lambda n: (-scores[n], depths[n], n))[: shape.budget])
-    kept = _tip_last(kept, parents, scores)
+    best = sorted(range(len(tokens)), key=lambda n: (-scores[n], depths[n], n))[: shape.budget]
+    rank = {node: i for i, node in enumerate(best)}
+    kept = _tip_last(sorted(best), parents, scores)
     index = {node: i for i, node in enumerate(kept)}
     ids = tuple(tokens[n] for n in kept)
     dists = () if sampling.is_greedy else tuple(SparseDist((token,), (1.0,)) for token in ids)
-    return GrownTree(ids=ids, parents=tuple(index[parents[n]] if parents[n] >= 0 else -1 for n in kept), dists=dists)
+    return GrownTree(
+        ids=ids,
+        parents=tuple(index[parents[n]] if parents[n] >= 0 else -1 for n in kept),
+        dists=dists,
+        ranks=tuple(rank[n] for n in kept),
+    )
 
 
 def _tip_last(kept: list[int], parents: list[int], scores: list[float]) -> list[int]:

@@ -104,8 +104,9 @@ def _dynamic_draft_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auto-draft",
         action="store_true",
-        help="lossless chains: choose each frame's draft length (1-16) from the measured round trip, verify and "
-        "drafter costs and acceptance (docs/trees.md)",
+        help="lossless: choose each frame's draft length (chains, 1-16) or, with --tree-budget N, its tree budget "
+        "(2, 4, 8, 12, 16, 24, 32 up to N) from the measured round trip, verify and drafter costs and acceptance "
+        "(docs/trees.md)",
     )
     parser.add_argument(
         "--branches",
@@ -224,9 +225,10 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         help="comma-separated subset of cloud,local,lossless-sync,lossless,lossless-defer,lossless-sync-auto,"
-        "lossless-auto,lossless-nobranch,gated,chain,tree (default: cloud,local,lossless-sync,lossless,gated; "
-        "lossless-defer: pipelined with the bonus deferred, as before the bonus rule; lossless-nobranch: pipelined "
-        "with no branch frames, as before them; *-auto: --auto-draft chains; gated runs one operating point per gate "
+        "lossless-auto,lossless-nobranch,gated,chain,tree,tree-sync-auto,tree-auto (default: cloud,local,"
+        "lossless-sync,lossless,gated; lossless-defer: pipelined with the bonus deferred, as before the bonus rule; "
+        "lossless-nobranch: pipelined with no branch frames, as before them; lossless-*-auto: --auto-draft chains; "
+        "tree-*-auto: --auto-draft trees up to the largest --tree-budget; gated runs one operating point per gate "
         "kind and quality floor, chain and tree one mode per size)",
     )
     parser.add_argument(
@@ -246,7 +248,9 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
         "--chain-lengths", help="comma-separated draft lengths: one synchronous chain mode lossless-sync-kN each"
     )
     parser.add_argument(
-        "--tree-budget", help="comma-separated tree budgets: one mode lossless-treeN each (draft trees of N tokens)"
+        "--tree-budget",
+        help="comma-separated tree budgets: one mode lossless-treeN each (draft trees of N tokens); the largest "
+        "caps tree-sync-auto and tree-auto",
     )
     parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
     parser.add_argument("--out", type=Path, required=True)

@@ -18,6 +18,7 @@ from tandemspec.bench.link import LinkConfig, run_in_thread
 from tandemspec.bench.prompts import PROMPTS_FILE, load_prompts
 from tandemspec.bench.report import machine_info, package_versions, write_json, write_markdown, write_plots
 from tandemspec.bench.runner import (
+    AUTO_TREE_MODES,
     BASELINE_MODE,
     CHAIN_FAMILY,
     TREE_FAMILY,
@@ -76,9 +77,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     modes = parse_list(args.modes, str) if args.modes else BenchConfig.modes
     chain_lengths = parse_list(args.chain_lengths, int) if args.chain_lengths else ()
     tree_budgets = parse_list(args.tree_budget, int) if args.tree_budget else ()
-    # Sizes given for a family run it, whether or not --modes names it.
+    # Sizes given for a family run it, whether or not --modes names it (trees: unless it names an auto-tree mode).
+    named = {*modes, *((TREE_FAMILY,) if set(AUTO_TREE_MODES) & set(modes) else ())}
     modes += tuple(
-        f for f, sizes in ((CHAIN_FAMILY, chain_lengths), (TREE_FAMILY, tree_budgets)) if sizes and f not in modes
+        f for f, sizes in ((CHAIN_FAMILY, chain_lengths), (TREE_FAMILY, tree_budgets)) if sizes and f not in named
     )
     return BenchConfig(
         target_dir=target,

@@ -28,6 +28,7 @@ FIGURE_NAMES = (
     "server_passes_per_token",
     "cloud_s_per_token",
     "mean_accepted_length",
+    "mean_draft_tokens",
     "bytes_up_per_token",
     "bytes_down_per_token",
     "messages_per_token",
@@ -85,6 +86,8 @@ def cost_figures(runs: Sequence[PromptRun]) -> dict[str, float | None]:
         "server_passes_per_token": sum(r.server_step_passes + r.server_prefill_passes for r in runs) / tokens,
         "cloud_s_per_token": sum(s["verify_compute_s"] for s in stats) / tokens,
         "mean_accepted_length": verified / rounds if rounds else None,
+        # draft tokens per verified frame: a chain's length, a tree's budget (what --auto-draft chose)
+        "mean_draft_tokens": sum(s["num_drafted"] for s in stats) / rounds if rounds else None,
         "bytes_up_per_token": sum(s["bytes_up"] for s in stats) / tokens,
         "bytes_down_per_token": sum(s["bytes_down"] for s in stats) / tokens,
         "messages_per_token": sum(r.messages_up + r.messages_down for r in runs) / tokens,
@@ -200,6 +203,7 @@ PIPELINE_PAIRS = (
     ("lossless-defer", "lossless-sync"),
     ("lossless-nobranch", "lossless-sync"),
     ("lossless-auto", "lossless-sync-auto"),
+    ("tree-auto", "tree-sync-auto"),
 )
 
 

@@ -23,6 +23,7 @@ _TABLE_FIGURES = (
     ("target_passes_per_token", "target passes/token", "{:.3f}"),
     ("cloud_s_per_token", "cloud ms/token", "{:.2f}"),
     ("mean_accepted_length", "mean accepted length", "{:.2f}"),
+    ("mean_draft_tokens", "draft tokens/frame", "{:.2f}"),
     ("bytes_up_per_token", "bytes up/token", "{:.0f}"),
     ("bytes_down_per_token", "bytes down/token", "{:.0f}"),
     ("messages_per_token", "messages/token", "{:.2f}"),

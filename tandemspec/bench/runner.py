@@ -7,8 +7,9 @@ asked for (pipelined with the bonus deferred, the behaviour before the bonus rul
 without branch frames, as before them; chains whose length is chosen from the measured
 costs: docs/trees.md), then one ``gated-KIND@Q`` mode per gate kind and
 quality floor, one ``lossless-sync-kN`` chain per extra draft length, ``lossless-sync-treeN``
-and ``lossless-treeN`` per tree budget), so slow drift of a shared machine hits all modes
-alike. Each run records the generated ids, the decoder's statistics, the verifier's pass
+and ``lossless-treeN`` per tree budget, and ``tree-sync-auto`` and ``tree-auto`` (trees whose
+budget is chosen from the measured costs, up to the largest tree budget), so slow drift of a
+shared machine hits all modes alike. Each run records the generated ids, the decoder's statistics, the verifier's pass
 counts and when each token reached the app (``on_tokens``). The load test then runs N edges
 at once against the one verifier.
 Scoring and figures live in :mod:`tandemspec.bench.scoring` and :mod:`tandemspec.bench.figures`.
@@ -53,7 +54,8 @@ class BenchMode:
     draft_length: int | None = None  # chains: None = the bench's draft length
     tree_budget: int = 0  # draft trees of this many tokens per frame (0 = chains)
     keep_bonus: bool = True  # pipelined greedy frames keep their bonus (False: deferred, as before)
-    auto_draft: bool = False  # chains: each frame's length chosen from the measured costs
+    # each frame's length (chains) or budget (up to tree_budget) chosen from the measured costs
+    auto_draft: bool = False
     branches: int = DecoderConfig.branches  # pipelined greedy chains: branch frames per awaited verdict
 
 
@@ -73,7 +75,9 @@ MODES: tuple[BenchMode, ...] = (
 GATED_FAMILY = "gated"
 CHAIN_FAMILY = "chain"
 TREE_FAMILY = "tree"
-MODE_NAMES: tuple[str, ...] = (*(m.name for m in MODES), GATED_FAMILY, CHAIN_FAMILY, TREE_FAMILY)
+# --auto-draft trees up to the largest tree budget, synchronous and pipelined (sized by --tree-budget too)
+AUTO_TREE_MODES = ("tree-sync-auto", "tree-auto")
+MODE_NAMES: tuple[str, ...] = (*(m.name for m in MODES), GATED_FAMILY, CHAIN_FAMILY, TREE_FAMILY, *AUTO_TREE_MODES)
 BASELINE_MODE = "cloud"
 DRAFTER_MODE = "local"
 
@@ -115,6 +119,12 @@ def tree_modes(budgets: Sequence[int]) -> tuple[BenchMode, ...]:
         for n in dict.fromkeys(budgets)
         for pipeline in (False, True)
     )
+
+
+def auto_tree_mode(name: str, budgets: Sequence[int]) -> BenchMode:
+    """``tree-sync-auto`` / ``tree-auto``: each frame's tree budget chosen from the measured costs,
+    up to the largest of ``budgets`` (docs/trees.md)."""
+    return BenchMode(name, "lossless", pipeline=name == "tree-auto", tree_budget=max(budgets), auto_draft=True)
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,8 @@ class BenchConfig:
             raise ValueError("gated mode needs at least one gate kind and one quality floor")
         if self.gate_check_every < 0:
             raise ValueError(f"gate_check_every must be >= 0, got {self.gate_check_every}")
+        if set(AUTO_TREE_MODES) & set(self.modes) and not self.tree_budgets:
+            raise ValueError(f"{', '.join(AUTO_TREE_MODES)} need the largest tree budget (--tree-budget)")
         for family, sizes in ((CHAIN_FAMILY, self.chain_lengths), (TREE_FAMILY, self.tree_budgets)):
             if family in self.modes and not sizes:
                 raise ValueError(f"the {family} modes need at least one size (--chain-lengths / --tree-budget)")
@@ -204,6 +216,9 @@ def plan_modes(config: BenchConfig, gate_path: Path | None) -> ModePlan:
             continue
         if name == TREE_FAMILY:
             modes.extend(tree_modes(config.tree_budgets))
+            continue
+        if name in AUTO_TREE_MODES:
+            modes.append(auto_tree_mode(name, config.tree_budgets))
             continue
         if name != GATED_FAMILY:
             modes.append(find_mode(name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -321,3 +322,20 @@ def test_unknown_modes() -> None:
         BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, modes=("cloud", "turbo"))
     with pytest.raises(ValueError, match="quality floors"):
         BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, gate_qualities=(1.5,))
+
+
+def test_auto_tree_modes_take_the_largest_tree_budget() -> None:
+    args = build_parser().parse_args(["bench", "--out", "x", "--modes", "cloud,tree-auto", "--tree-budget", "8,16"])
+    config = config_from_args(args)
+    assert config.modes == ("cloud", "tree-auto")  # the budgets size the auto mode: no fixed tree modes added
+    plan = plan_modes(dataclasses.replace(config, modes=("tree-sync-auto", "tree-auto", "tree")), None)
+    auto = [m for m in plan.modes if m.auto_draft]
+    assert [(m.name, m.pipeline, m.tree_budget) for m in auto] == [
+        ("tree-sync-auto", False, 16),
+        ("tree-auto", True, 16),
+    ]
+    assert [m.name for m in plan.modes if not m.auto_draft] == [
+        f"lossless{s}-tree{n}" for n in (8, 16) for s in ("-sync", "")
+    ]
+    with pytest.raises(ValueError, match="largest tree budget"):
+        BenchConfig(Path("t"), Path("d"), Path("b"), PROMPTS, modes=("tree-auto",))
