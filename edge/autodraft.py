@@ -9,8 +9,11 @@ the frame size), and the round trip ``R`` (verdict arrival minus send minus that
 from frames sent with nothing else in flight). ``h = 1`` synchronously; pipelined (depth 1)
 a frame whose predecessor was accepted to its tip (probability ``p``) left during that
 predecessor's round trip, and two frames share one round trip, so ``h = 1 / (1 + p)``: the
-structural limit ``p / (1 + p)`` on the share hidden. The size chosen minimises ``T / E``,
-the expected time per generated token.
+structural limit ``p / (1 + p)`` on the share hidden. With branches (chains pre-drafted on the
+likeliest other outcomes of a verdict, docs/trees.md "Branches") a round not accepted to its
+tip is followed by a frame already at the verifier with the measured hit rate ``b``, so
+``p`` becomes ``p + (1 - p) b``. The size chosen minimises ``T / E``, the expected time per
+generated token.
 
 * Chains, from a per-token acceptance ``a`` (tokens accepted independently, until the first
   rejection): ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)``, drafting ``k d`` at
@@ -78,6 +81,7 @@ class Costs:
     acceptance: float
     trees: Mapping[int, Round] = field(default_factory=dict)
     tree_top_k: int = 2
+    branch_hit_rate: float = 0.0  # b: chance a branch came true after a round not accepted to its tip
 
     def chain(self, k: int) -> Round:
         """A chain of ``k`` draft tokens under the per-token model."""
@@ -111,7 +115,8 @@ class Costs:
 
     def round_seconds(self, round_: Round, pipelined: bool) -> float:
         """``T``: the expected seconds of a round."""
-        hidden = 1.0 / (1.0 + round_.tip_rate) if pipelined else 1.0
+        ahead = round_.tip_rate + (1.0 - round_.tip_rate) * self.branch_hit_rate  # successor already there
+        hidden = 1.0 / (1.0 + ahead) if pipelined else 1.0
         return round_.draft_s + self.verify_s + round_.size * self.verify_s_per_token + hidden * self.rtt_s
 
     def per_token(self, round_: Round, pipelined: bool) -> float:
@@ -192,6 +197,7 @@ class CostEstimator:
         self._rtt = _Mean(0.0, 1.0)
         self._draft = _Mean(0.002, 1.0)
         self._accepted = _Mean(0.7, 4.0)  # accepted tokens per judged-until-rejection token
+        self._branch_hits = _Mean(0.0, 1.0)  # per verdict whose branches were settled: one came true
         self._trees: dict[int, _TreeMeans] = {}
         # verify compute against frame size: weighted sums for a least-squares line
         self._n = self._x = self._y = self._xx = self._xy = 0.0
@@ -201,6 +207,11 @@ class CostEstimator:
     def observe_rtt(self, seconds: float) -> None:
         with self._lock:
             self._rtt.add(max(seconds, 0.0))
+
+    def observe_branches(self, hit: bool) -> None:
+        """A verdict not accepted to a live continuation settled the branches sent for it: one came true or none."""
+        with self._lock:
+            self._branch_hits.add(float(hit))
 
     def observe_draft(self, seconds: float, num_tokens: int) -> None:
         """A chain drafted: ``num_tokens`` drafter calls in ``seconds``."""
@@ -311,6 +322,7 @@ class CostEstimator:
                 for b, m in self._trees.items()
             },
             tree_top_k=self._tree_top_k,
+            branch_hit_rate=min(max(self._branch_hits.value, 0.0), 1.0),
         )
 
     def choose(self, max_length: int, pipelined: bool) -> int:

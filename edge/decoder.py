@@ -820,10 +820,11 @@ class _Generation:
         """After frame ``judged_seq``'s verdict (None: a frame no branch may follow), settle the branches
         in flight: the one that guessed that verdict becomes live, its root committed; the others are
         stale. The verifier applies the same rule (``Session.rebase_branch``)."""
-        taken = False
+        taken = settled = False
         for sent in self.in_flight:
             if not sent.guess:
                 continue
+            settled = True
             frame = sent.frame
             sent.guess = False
             hit = (
@@ -840,6 +841,8 @@ class _Generation:
                 self.stats.num_branch_hits += 1
             else:
                 sent.stale = True
+        if settled and judged_seq is not None:  # a continuation that was live settles nothing: no guess was needed
+            self.decoder.costs.observe_branches(taken)
 
     def _sync_drafter(self, ids: list[int]) -> None:
         """Roll the drafter back to the longest cached prefix of ``ids``, leaving at least one token to feed."""

@@ -40,6 +40,22 @@ def test_the_model_by_hand() -> None:
     assert _costs(0.2, 0.5).seconds_per_round(1, pipelined=True) == pytest.approx(0.01 + 0.02 + 0.2 / 1.5)
 
 
+def test_branch_hits_hide_round_trips_after_rejections() -> None:
+    """With branch hit rate b, a round not accepted to its tip is followed by a frame already at the
+    verifier with probability b: R / (1 + p + (1 - p) b) pipelined, unchanged synchronously."""
+    import dataclasses
+
+    costs = dataclasses.replace(_costs(0.2, 0.5), branch_hit_rate=0.4)
+    p = 0.5  # a^k for k = 1
+    assert costs.seconds_per_round(1, pipelined=True) == pytest.approx(0.03 + 0.2 / (1 + p + (1 - p) * 0.4))
+    assert costs.seconds_per_round(1, pipelined=False) == pytest.approx(0.03 + 0.2)
+    estimator = CostEstimator()
+    assert estimator.costs().branch_hit_rate == 0.0  # no branches seen: the plain model
+    for i in range(100):
+        estimator.observe_branches(hit=i % 4 == 0)
+    assert estimator.costs().branch_hit_rate == pytest.approx(0.25, abs=0.05)
+
+
 def test_longer_drafts_for_longer_round_trips_and_better_drafters() -> None:
     for pipelined in (False, True):
         by_rtt = [best_length(_costs(rtt, 0.8), 16, pipelined) for rtt in (0.0, 0.02, 0.08, 0.3)]
