@@ -25,6 +25,7 @@ cancel, never an INTERNAL error, and after the logical end it is not an error at
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -235,6 +236,7 @@ class VerifierService:
 
     async def _verify(self, session: Session, frame: DraftFrame, inbox: _Inbox) -> list[Verdict]:
         """prefill'd context + frame (+ its queued continuation) -> target step -> judge -> rollback: the verdicts."""
+        taken = time.perf_counter()
         self._metrics.frames.inc()
         if frame.branch_of is not None:
             check_branch(frame, session)
@@ -278,6 +280,7 @@ class VerifierService:
             session.bonus_kept = True  # the next frame may be a continuation drafted before this bonus
             self._metrics.bonus_kept.inc()
         session.last_judged_seq = frame.seq
+        verdict = dataclasses.replace(verdict, server_ms=(time.perf_counter() - taken) * 1e3)
         if later is None:
             return [rebased.verdict_for_sent(verdict, frame)]
         verdicts = split_merged(verdict, first, later, epoch_before)

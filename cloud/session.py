@@ -422,6 +422,7 @@ def split_merged(verdict: Verdict, first: DraftFrame, later: DraftFrame, epoch_b
         labels=verdict.labels[: m + k],
         target_top_k=verdict.target_top_k[: m + k],
         compute_ms=verdict.compute_ms,
+        server_ms=verdict.server_ms,
         accepted_nodes=() if first_path == tuple(range(len(first_path))) else first_path,
     )
     continued = Verdict(
@@ -433,6 +434,7 @@ def split_merged(verdict: Verdict, first: DraftFrame, later: DraftFrame, epoch_b
         labels=verdict.labels[m + k :],
         target_top_k=verdict.target_top_k[m + k :],
         compute_ms=verdict.compute_ms,
+        server_ms=verdict.server_ms,
         accepted_nodes=() if later_path == tuple(range(len(later_path))) else later_path,
         shared_pass=True,
     )

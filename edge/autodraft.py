@@ -74,7 +74,7 @@ class Costs:
     """What a round costs, as measured: seconds, the per-token acceptance in [0, 1], and the
     measured tree rounds by budget (``tree_top_k``: children per expanded node, for the prior)."""
 
-    rtt_s: float
+    rtt_s: float  # R: verdict arrival minus send minus the pass (a wait for a batch included)
     draft_s_per_token: float  # d: per drafter call (a chain token, a tree level)
     verify_s: float  # c0: the target's pass, fixed part
     verify_s_per_token: float  # c1: its growth per draft token
@@ -82,6 +82,7 @@ class Costs:
     trees: Mapping[int, Round] = field(default_factory=dict)
     tree_top_k: int = 2
     branch_hit_rate: float = 0.0  # b: chance a branch came true after a round not accepted to its tip
+    link_rtt_s: float = 0.0  # the round trip of the link alone (R less the verifier's wait for a batch)
 
     def chain(self, k: int) -> Round:
         """A chain of ``k`` draft tokens under the per-token model."""
@@ -195,6 +196,7 @@ class CostEstimator:
         self._lock = threading.Lock()
         self._tree_top_k = tree_top_k
         self._rtt = _Mean(0.0, 1.0)
+        self._link_rtt = _Mean(0.0, 1.0)  # the round trip without the verifier's batch wait
         self._draft = _Mean(0.002, 1.0)
         self._accepted = _Mean(0.7, 4.0)  # accepted tokens per judged-until-rejection token
         self._branch_hits = _Mean(0.0, 1.0)  # per verdict whose branches were settled: one came true
@@ -204,9 +206,12 @@ class CostEstimator:
         self._y_prior = 0.02
         self._rounds = 0
 
-    def observe_rtt(self, seconds: float) -> None:
+    def observe_rtt(self, seconds: float, link_seconds: float | None = None) -> None:
+        """A clean round: ``seconds`` from send to verdict less the pass; ``link_seconds`` less
+        also any wait for a batch at the verifier (``Verdict.server_ms``; None: not reported)."""
         with self._lock:
             self._rtt.add(max(seconds, 0.0))
+            self._link_rtt.add(max(seconds if link_seconds is None else link_seconds, 0.0))
 
     def observe_branches(self, hit: bool) -> None:
         """A verdict not accepted to a live continuation settled the branches sent for it: one came true or none."""
@@ -313,6 +318,7 @@ class CostEstimator:
         d = self._draft.value
         return Costs(
             rtt_s=self._rtt.value,
+            link_rtt_s=self._link_rtt.value,
             draft_s_per_token=d,
             verify_s=intercept,
             verify_s_per_token=slope,

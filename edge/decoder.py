@@ -530,10 +530,11 @@ class _Generation:
         """While the first live frame's verdict is awaited, draft and send its likeliest other
         outcomes as branches (``branch_of``), stopping once that verdict has arrived.
 
-        A branch that comes true saves the round trip (and the drafting of the next frame), so
-        the drafting spent on branches per verdict stays within the measured round trip
-        (:class:`~tandemspec.edge.autodraft.CostEstimator`): none over a link with almost no
-        delay, up to ``branches`` over a slow one.
+        A branch that comes true saves the link's round trip (and the drafting of the next frame),
+        so the drafting spent on branches per verdict stays within the link's measured round trip
+        (``Costs.link_rtt_s``: without the verifier's wait for a batch, which a branch does not
+        save): none over a link with almost no delay or to a merely busy verifier, up to
+        ``branches`` over a slow link.
 
         A branch starts with its guess, the drafter's runner-up at a token of the frame (that token
         rejected, the runner-up its correction) or at the continuation's first token (the frame
@@ -552,7 +553,7 @@ class _Generation:
         config = self.decoder.config
         ahead = self.in_flight.index(first)  # frames whose verdicts come before first's (stale ones)
         costs = self.decoder.costs.costs()
-        budget_s = costs.rtt_s  # what a branch that comes true saves
+        budget_s = costs.link_rtt_s  # what a branch that comes true saves
         start = time.perf_counter()
         for position, token, epoch, source in self._branch_guesses(first, live[1] if len(live) > 1 else None):
             if self.stream.num_pending() > ahead:  # first's verdict is here: guessing it saves nothing now
@@ -747,7 +748,9 @@ class _Generation:
         costs, frame = self.decoder.costs, sent.frame
         compute_s = verdict.compute_ms / 1000.0
         if sent.alone:
-            costs.observe_rtt(time.perf_counter() - sent.sent_s - compute_s)
+            elapsed = time.perf_counter() - sent.sent_s
+            link = elapsed - verdict.server_ms / 1000.0 if verdict.server_ms > 0 else None  # older verifiers: None
+            costs.observe_rtt(elapsed - compute_s, link)
         known = 0 if sent.bonus_root is None else 1  # a kept continuation's root was judged earlier
         if frame.parents and not frame.committed_ids:
             num_new = verdict.num_accepted - known + (verdict.next_token is not None)

@@ -222,6 +222,7 @@ def encode_cloud_frame(message: CloudMessage) -> pb.CloudFrame:
             stale=message.stale,
             accepted_nodes=message.accepted_nodes,
             shared_pass=message.shared_pass,
+            server_ms=message.server_ms,
         )
         if message.next_token is not None:
             verdict.next_token = message.next_token
@@ -257,6 +258,7 @@ def decode_cloud_frame(frame: pb.CloudFrame) -> CloudMessage | pb.Error:
             stale=v.stale,
             accepted_nodes=tuple(v.accepted_nodes),
             shared_pass=v.shared_pass,
+            server_ms=v.server_ms,
         )
     if which == "tokens":
         return GeneratedTokens(ids=tuple(frame.tokens.ids), compute_ms=frame.tokens.compute_ms)

@@ -145,7 +145,7 @@ class SessionReady(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_length: _Optional[int] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "epoch", "committed_length", "num_committed", "num_accepted", "next_token", "labels", "num_labels", "target_top_k", "compute_ms", "stale", "accepted_nodes", "shared_pass")
+    __slots__ = ("seq", "epoch", "committed_length", "num_committed", "num_accepted", "next_token", "labels", "num_labels", "target_top_k", "compute_ms", "stale", "accepted_nodes", "shared_pass", "server_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class Verdict(_message.Message):
     STALE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_NODES_FIELD_NUMBER: _ClassVar[int]
     SHARED_PASS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     epoch: int
     committed_length: int
@@ -172,7 +173,8 @@ class Verdict(_message.Message):
     stale: bool
     accepted_nodes: _containers.RepeatedScalarFieldContainer[int]
     shared_pass: bool
-    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., committed_length: _Optional[int] = ..., num_committed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_labels: _Optional[int] = ..., target_top_k: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., stale: _Optional[bool] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., shared_pass: _Optional[bool] = ...) -> None: ...
+    server_ms: float
+    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., committed_length: _Optional[int] = ..., num_committed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_labels: _Optional[int] = ..., target_top_k: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., compute_ms: _Optional[float] = ..., stale: _Optional[bool] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., shared_pass: _Optional[bool] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class GeneratedTokens(_message.Message):
     __slots__ = ("ids", "compute_ms")

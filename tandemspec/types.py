@@ -189,6 +189,8 @@ class Verdict:
     accepted_nodes: tuple[int, ...] = ()
     # Judged in the previous verdict's target pass (a merged continuation): no pass of its own.
     shared_pass: bool = False
+    # From the verifier taking the frame to this verdict (the pass and any wait for a batch), ms.
+    server_ms: float = 0.0
 
     @property
     def accepted_path(self) -> tuple[int, ...]:

@@ -71,6 +71,7 @@ def test_a_branch_that_guessed_the_correction_is_verified_without_a_round_trip(
     first, continuation, miss, hit = replies
     assert status == grpc.StatusCode.OK
     assert first.num_accepted == 1 and first.next_token == t[1] and first.epoch == 1
+    assert first.server_ms >= first.compute_ms > 0  # the verifier's own time, for the edge's link estimate
     assert continuation.stale and miss.stale
     assert isinstance(hit, Verdict) and not hit.stale
     assert hit.accepted_path == (0, 1, 2) and hit.labels == (True, True, True)  # the root first, then verified

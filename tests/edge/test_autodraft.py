@@ -56,6 +56,17 @@ def test_branch_hits_hide_round_trips_after_rejections() -> None:
     assert estimator.costs().branch_hit_rate == pytest.approx(0.25, abs=0.05)
 
 
+def test_the_link_round_trip_is_kept_apart_from_the_verifiers_wait() -> None:
+    estimator = CostEstimator()
+    for _ in range(100):
+        estimator.observe_rtt(0.05, link_seconds=0.01)  # 40 ms of each round waited for a batch
+    costs = estimator.costs()
+    assert costs.rtt_s == pytest.approx(0.05, rel=0.05) and costs.link_rtt_s == pytest.approx(0.01, rel=0.1)
+    older = CostEstimator()
+    older.observe_rtt(0.05)  # a verifier that does not report server_ms: the link is all of it
+    assert older.costs().link_rtt_s == older.costs().rtt_s
+
+
 def test_longer_drafts_for_longer_round_trips_and_better_drafters() -> None:
     for pipelined in (False, True):
         by_rtt = [best_length(_costs(rtt, 0.8), 16, pipelined) for rtt in (0.0, 0.02, 0.08, 0.3)]

@@ -70,6 +70,31 @@ def test_branches_are_lossless_and_some_guesses_come_true(
         assert counts["rounds"] <= counts["server_passes"] <= counts["rounds"] + 2 * len(PROMPTS), totals
 
 
+def test_branches_are_budgeted_by_the_link_not_the_verifiers_wait(
+    make_decoder: Callable[..., HybridDecoder], tiny_model_dir: Callable[..., Any], lossless_greedy: Any
+) -> None:
+    """A verifier that holds every step for a 60 ms batch window (a second, idle session is open)
+    makes each round slow, but a branch would not save that wait: with no link delay none are
+    drafted, and the edge tells the two apart by the verdict's ``server_ms``."""
+    from tandemspec.cloud.config import CloudConfig
+    from tandemspec.cloud.server import serve_in_thread
+    from tandemspec.edge.client import ClientConfig, VerifierClient
+    from tandemspec.types import SamplingParams, SessionOpen
+
+    with serve_in_thread(CloudConfig(model_dir=tiny_model_dir("llama", 0), batch_window_ms=60.0)) as server:
+        decoder = make_decoder("llama", server.address, branches=2)
+        idle_client = VerifierClient(ClientConfig(address=server.address))
+        idle = idle_client.open_stream()
+        fingerprint = decoder.drafter.manifest.tokenizer_fingerprint
+        idle.send(SessionOpen((1, 2, 3), SamplingParams(), 8, fingerprint))
+        idle.recv()  # SessionReady: the idle session is open
+        result = lossless_greedy(decoder, "llama", PROMPTS[0], 24)
+        idle.close(cancel=True)
+    costs = decoder.costs.costs()
+    assert costs.rtt_s > 0.04 and costs.link_rtt_s < 0.02, costs  # the wait is the verifier's, not the link's
+    assert result.stats.num_branch_frames == 0
+
+
 def test_no_branches_where_they_cannot_apply(
     make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
 ) -> None:
