@@ -98,12 +98,24 @@ def test_branches_are_budgeted_by_the_link_not_the_verifiers_wait(
 def test_no_branches_where_they_cannot_apply(
     make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], lossless_greedy: Any
 ) -> None:
-    """Synchronous decoding, trees and a deferred bonus send no branches (and stay lossless)."""
-    address = verifier_for("llama").address
-    for fields in ({"pipeline": False}, {"tree_budget": 6}, {"keep_bonus": False}):
-        decoder = make_decoder("llama", address, branches=2, **fields)
-        result = lossless_greedy(decoder, "llama", PROMPTS[0], 16, fields)
-        assert result.stats.num_branch_frames == 0, fields
+    """Behind the same 40 ms link where pipelined greedy chains send branches: synchronous decoding,
+    trees, a deferred bonus and sampling send none (and greedy ones stay lossless)."""
+    from tandemspec.edge.decoder import GenerationRequest
+    from tandemspec.types import SamplingParams
+
+    upstream_port = int(verifier_for("llama").address.rsplit(":", 1)[1])
+    with run_in_thread("127.0.0.1", upstream_port, LinkConfig(rtt_ms=RTT_MS)) as link:
+        control = lossless_greedy(make_decoder("llama", link.address, branches=2), "llama", PROMPTS[0], 16)
+        assert control.stats.num_branch_frames > 0  # so the cases below would send some if they could
+        for fields in ({"pipeline": False}, {"tree_budget": 6}, {"keep_bonus": False}):
+            decoder = make_decoder("llama", link.address, branches=2, **fields)
+            result = lossless_greedy(decoder, "llama", PROMPTS[0], 16, fields)
+            assert result.stats.num_branch_frames == 0, fields
+        decoder = make_decoder("llama", link.address, branches=2)
+        prompt = decoder.tokenizer.encode_prompt(PROMPTS[0])
+        sampling = SamplingParams(temperature=0.8, seed=3)
+        sampled = decoder.generate(GenerationRequest(prompt_ids=prompt, sampling=sampling, max_new_tokens=16))
+        assert sampled.stats.num_branch_frames == 0 and not sampled.stats.fell_back_to_local
 
 
 def test_branches_config_and_flag(tmp_path: Any) -> None:
