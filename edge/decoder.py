@@ -46,7 +46,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tandemspec.edge.autodraft import CostEstimator
+from tandemspec.edge.autodraft import CostEstimator, Costs
 from tandemspec.edge.client import (
     CLOSE_GRACE_S,
     CloudBusy,
@@ -225,8 +225,8 @@ class _SentFrame:
     bonus_root: int | None = None
     sent_s: float = 0.0  # perf_counter when sent
     alone: bool = False  # sent with no live frame in flight: its verdict times a clean round trip
-    # Per draft token: (drafter log-prob of the token, the runner-up's id, its log-prob), when branching.
-    guesses: tuple[tuple[float, int, float], ...] = ()
+    # Per draft token, when branching: the drafter's logits it was drafted from (for its runner-up).
+    logit_rows: tuple[np.ndarray, ...] = ()
     guess: bool = False  # a branch whose guess is not settled yet (by its frame's verdict)
     branched: bool = False  # its branches have been sent
 
@@ -251,7 +251,7 @@ class _Block:
     features: np.ndarray | None
     ends_with_eos: bool
     parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
-    guesses: tuple[tuple[float, int, float], ...] = ()  # see _SentFrame.guesses
+    logit_rows: tuple[np.ndarray, ...] = ()  # see _SentFrame.logit_rows
     ranks: tuple[int, ...] = ()  # a tree's tokens' places by score
 
 
@@ -545,7 +545,7 @@ class _Generation:
         if not self.branches:
             return
         live = [s for s in self.in_flight if s.live]
-        if not live or live[0].branched or not live[0].guesses:
+        if not live or live[0].branched or not live[0].logit_rows:
             return
         first = live[0]
         first.branched = True
@@ -553,13 +553,16 @@ class _Generation:
         config = self.decoder.config
         ahead = self.in_flight.index(first)  # frames whose verdicts come before first's (stale ones)
         costs = self.decoder.costs.costs()
-        budget_s = costs.link_rtt_s  # what a branch that comes true saves
+        length = self.decoder.costs.choose(self.max_draft, True) if config.auto_draft else self.max_draft
+        if not branch_fits(costs, length):
+            return  # not even one fits (a fast link): no guesses computed either
         start = time.perf_counter()
-        for position, token, epoch, source in self._branch_guesses(first, live[1] if len(live) > 1 else None):
+        for position, token, epoch, source, guessed_from in self._branch_guesses(
+            first, live[1] if len(live) > 1 else None
+        ):
             if self.stream.num_pending() > ahead:  # first's verdict is here: guessing it saves nothing now
                 return
-            length = self.decoder.costs.choose(self.max_draft, True) if config.auto_draft else self.max_draft
-            if time.perf_counter() - start + length * costs.draft_s_per_token > budget_s:
+            if not branch_fits(costs, length, spent_s=time.perf_counter() - start):
                 return
             frame = first.frame
             known = int(first.bonus_root is not None)  # the frame's root is committed already
@@ -579,34 +582,37 @@ class _Generation:
                 dists=[],
                 features=features,
                 ends_with_eos=block.ends_with_eos,
-                guesses=((0.0, token, -np.inf), *block.guesses),  # the root is committed when it is live
+                logit_rows=(guessed_from, *block.logit_rows),  # the root is committed when it is live
             )
             self._send(position, branch, expects_continuation=not is_last, branch_of=frame.seq, epoch=epoch)
             self.stats.num_branch_frames += 1
 
     def _branch_guesses(
         self, first: _SentFrame, later: _SentFrame | None
-    ) -> list[tuple[int, int, int, np.ndarray | None]]:
+    ) -> list[tuple[int, int, int, np.ndarray | None, np.ndarray]]:
         """The ``branches`` likeliest other outcomes of ``first``'s verdict: (position, guessed token,
-        the epoch that verdict leaves, the guessed token's feature row when logging), likeliest first."""
+        the epoch that verdict leaves, the guessed token's feature row when logging, the logits it
+        was guessed from), likeliest first."""
         frame = first.frame
         known = first.bonus_root is not None  # its root is committed: judged already
         base = frame.position + len(frame.committed_ids)
         features = first.features
-        scored: list[tuple[float, int, int, int, np.ndarray | None]] = []
+        scored: list[tuple[float, int, int, int, np.ndarray | None, np.ndarray]] = []
         log_p = 0.0  # of the frame's tokens so far all being the target's
         for j in range(int(known), len(frame.draft_ids)):
-            chosen, runner, runner_log_p = first.guesses[j]
+            logits = first.logit_rows[j]
+            chosen, runner, runner_log_p = _runner_up(logits, frame.draft_ids[j])
             row = features[len(frame.committed_ids) + j] if features is not None else None
-            scored.append((log_p + runner_log_p, base + j, runner, self.epoch + 1, row))  # rejected at j
+            scored.append((log_p + runner_log_p, base + j, runner, self.epoch + 1, row, logits))  # rejected at j
             log_p += chosen
-        if later is not None and later.guesses and frame.expects_continuation:
-            _, runner, runner_log_p = later.guesses[0]  # the continuation's first token is the bonus guess
+        if later is not None and later.logit_rows and frame.expects_continuation:
+            logits = later.logit_rows[0]  # the continuation's first token is the bonus guess
+            _, runner, runner_log_p = _runner_up(logits, later.frame.draft_ids[0])
             row = later.features[0] if later.features is not None else None
-            scored.append((log_p + runner_log_p, base + len(frame.draft_ids), runner, self.epoch, row))
+            scored.append((log_p + runner_log_p, base + len(frame.draft_ids), runner, self.epoch, row, logits))
         scored = [g for g in scored if g[2] not in self.eos and np.isfinite(g[0])]
         scored.sort(key=lambda g: -g[0])
-        return [(position, token, epoch, row) for _, position, token, epoch, row in scored[: self.branches]]
+        return [g[1:] for g in scored[: self.branches]]
 
     def _draft(
         self,
@@ -633,11 +639,11 @@ class _Generation:
         ids: list[int] = []
         dists: list[SparseDist] = []
         rows: list[np.ndarray] = []
-        guesses: list[tuple[float, int, float]] = []
+        logit_rows: list[np.ndarray] = []
         while True:
             token, dist = self._pick(logits_row, len(tip) + len(ids))
             if self.branches:
-                guesses.append(_runner_up(logits_row, token))
+                logit_rows.append(logits_row)
             features = None
             if with_features:
                 features = token_features(logits_row[None], hidden_row[None], np.array([since_check + len(ids)]))
@@ -654,7 +660,11 @@ class _Generation:
         self.stats.draft_s += elapsed
         self.decoder.costs.observe_draft(elapsed, len(ids))
         return _Block(
-            ids=ids, dists=dists, features=block_features, ends_with_eos=ids[-1] in self.eos, guesses=tuple(guesses)
+            ids=ids,
+            dists=dists,
+            features=block_features,
+            ends_with_eos=ids[-1] in self.eos,
+            logit_rows=tuple(logit_rows),
         )
 
     def _draft_tree(self, tip: list[int], budget: int) -> _Block:
@@ -716,7 +726,7 @@ class _Generation:
             features,
             sent_s=sent_s,
             alone=alone,
-            guesses=block.guesses,
+            logit_rows=block.logit_rows,
             guess=branch_of is not None,
             ranks=block.ranks,
         )
@@ -994,6 +1004,13 @@ class _Generation:
                 self.finish_reason = "length"
         if emitted and self.on_tokens is not None:
             self.on_tokens(emitted, self.text.take_delta(final=self.finish_reason is not None))
+
+
+def branch_fits(costs: Costs, length: int, spent_s: float = 0.0) -> bool:
+    """Whether drafting one more branch of ``length`` tokens, after ``spent_s`` on this verdict's
+    branches, stays within the link's round trip (what a hit saves; the verifier's wait for a
+    batch is not part of it, :attr:`~tandemspec.edge.autodraft.Costs.link_rtt_s`)."""
+    return spent_s + length * costs.draft_s_per_token <= costs.link_rtt_s
 
 
 def _runner_up(logits: np.ndarray, token: int) -> tuple[float, int, float]:
