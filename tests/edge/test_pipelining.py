@@ -36,8 +36,15 @@ def test_kept_bonus_is_lossless_and_saves_passes(
     for tree_budget in (0, 8):
         passes = {}
         for keep_bonus in (False, True):
+            # no branches (a kept bonus would enable them): the two differ in the bonus rule only
             decoder = make_decoder(
-                family, address, pipeline=True, draft_length=4, tree_budget=tree_budget, keep_bonus=keep_bonus
+                family,
+                address,
+                pipeline=True,
+                draft_length=4,
+                tree_budget=tree_budget,
+                keep_bonus=keep_bonus,
+                branches=0,
             )
             passes[keep_bonus] = 0
             for text in PROMPTS:
