@@ -129,8 +129,7 @@ def validate_frame(frame: DraftFrame, session: Session, rules: SessionRules, pos
 
 def check_branch(frame: DraftFrame, session: Session) -> None:
     """A branch frame's shape: greedy sessions that keep the bonus, draft tokens only, an earlier frame's seq."""
-    opened = session.open
-    if not (opened.keeps_bonus and opened.sampling.is_greedy and not opened.return_top_k):
+    if not session.keeps_bonus:
         raise invalid(
             "branch frames need a greedy session that keeps the bonus (keeps_bonus, temperature 0, return_top_k 0)",
             frame.seq,
@@ -247,14 +246,18 @@ class Session:
         num_judged = 1 + frame.num_tokens  # the pending token, then committed and draft tokens
         return ForwardRow(self.kv, input_ids, num_logits=num_judged, parents=parents)
 
+    @property
+    def keeps_bonus(self) -> bool:
+        """A greedy session whose edge keeps the bonus (``keeps_bonus``) and asked for no top-k (its
+        labelled positions stay those of the frames sent): the bonus rule and branches apply."""
+        opened = self.open
+        return opened.keeps_bonus and opened.sampling.is_greedy and not opened.return_top_k
+
     def defers_bonus(self, frame: DraftFrame) -> bool:
         """Whether a fully accepted ``frame`` gets no bonus: it expects a continuation, and the
-        session is not a greedy one whose edge keeps the bonus. A frame with no draft tokens
-        (gated mode's labels-only frame) always defers, and so does a session that asked for
-        the target's top-k (its labelled positions stay those of the frames sent)."""
-        opened = self.open
-        keeps = opened.keeps_bonus and opened.sampling.is_greedy and not opened.return_top_k and bool(frame.draft_ids)
-        return frame.expects_continuation and not keeps
+        session does not keep the bonus (:attr:`keeps_bonus`). A frame with no draft tokens
+        (gated mode's labels-only frame) always defers."""
+        return frame.expects_continuation and not (self.keeps_bonus and bool(frame.draft_ids))
 
     def is_continuation(self, frame: DraftFrame, of: DraftFrame) -> bool:
         """Whether ``frame`` continues ``of`` from its tip, in the same epoch: it can share ``of``'s pass."""

@@ -229,13 +229,12 @@ class _SentFrame:
     logit_rows: tuple[np.ndarray, ...] = ()
     guess: bool = False  # a branch whose guess is not settled yet (by its frame's verdict)
     branched: bool = False  # its branches have been sent
+    ranks: tuple[int, ...] = ()  # a tree's tokens' places by score (GrownTree.ranks), for auto_draft
 
     @property
     def live(self) -> bool:
         """Counts on the verifier judging it: not stale, not an unsettled branch."""
         return not self.stale and not self.guess
-
-    ranks: tuple[int, ...] = ()  # a tree's tokens' places by score (GrownTree.ranks), for auto_draft
 
     def tip_path(self) -> list[int]:
         """Its draft tokens the next frame assumes accepted and not yet committed."""
@@ -556,6 +555,8 @@ class _Generation:
         length = self.decoder.costs.choose(self.max_draft, True) if config.auto_draft else self.max_draft
         if not branch_fits(costs, length):
             return  # not even one fits (a fast link): no guesses computed either
+        frame = first.frame
+        known = int(first.bonus_root is not None)  # the frame's root is committed already
         start = time.perf_counter()
         for position, token, epoch, source, guessed_from in self._branch_guesses(
             first, live[1] if len(live) > 1 else None
@@ -564,8 +565,6 @@ class _Generation:
                 return
             if not branch_fits(costs, length, spent_s=time.perf_counter() - start):
                 return
-            frame = first.frame
-            known = int(first.bonus_root is not None)  # the frame's root is committed already
             accepted = frame.draft_ids[known : position - frame.position - len(frame.committed_ids)]
             context = [*self.committed, *accepted, token]
             room = self.session_limit - len(context)
@@ -801,7 +800,8 @@ class _Generation:
         elif rejected or verdict.next_token is not None or verdict.epoch != self.epoch:
             # The future the later frames were drafted on is gone: they come back stale.
             for later in self.in_flight:
-                later.stale = later.stale or later.live
+                if not later.guess:  # branches are settled below, by this verdict
+                    later.stale = True
             self.epoch = verdict.epoch
             self._emit(new)
             self._settle_branches(sent.frame.seq)
