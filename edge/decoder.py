@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -63,7 +63,7 @@ from tandemspec.edge.gate import TrustGate
 from tandemspec.edge.proposal import draft_distribution, local_distribution
 from tandemspec.edge.stats import GenerationResult, StatsCounter
 from tandemspec.edge.tokenizer import EdgeTokenizer, TextTracker
-from tandemspec.edge.tree import TreeShape, grow_tree
+from tandemspec.edge.tree import GreedyStep, TreeShape, grow_tree
 from tandemspec.sampling import DraftTree, sample, sample_dense, seeded_rng
 from tandemspec.types import (
     DecodeMode,
@@ -230,6 +230,7 @@ class _SentFrame:
     guess: bool = False  # a branch whose guess is not settled yet (by its frame's verdict)
     branched: bool = False  # its branches have been sent
     ranks: tuple[int, ...] = ()  # a tree's tokens' places by score (GrownTree.ranks), for auto_draft
+    greedy_steps: Mapping[int, GreedyStep] = field(default_factory=dict)  # a greedy tree's, when logging
 
     @property
     def live(self) -> bool:
@@ -252,6 +253,7 @@ class _Block:
     parents: tuple[int, ...] = ()  # a tree's (empty: a chain)
     logit_rows: tuple[np.ndarray, ...] = ()  # see _SentFrame.logit_rows
     ranks: tuple[int, ...] = ()  # a tree's tokens' places by score
+    greedy_steps: Mapping[int, GreedyStep] = field(default_factory=dict)  # see GrownTree.greedy_steps
 
 
 class _Generation:
@@ -670,15 +672,24 @@ class _Generation:
         """An EAGLE-2-style tree of at most ``budget`` tokens after ``tip`` (the drafter then holds all of ``tip``)."""
         start = time.perf_counter()
         config = self.decoder.config
-        logits, _ = self.drafter.extend(tip[self.drafter.length :])
+        logits, hidden = self.drafter.extend(tip[self.drafter.length :])
         depth = max(1, min(config.tree_depth, self.drafter.capacity - len(tip) - 1))  # within the drafter's capacity
         shape = TreeShape(budget, config.tree_top_k, depth)
-        tree = grow_tree(self.drafter, logits[-1], shape, self.sampling, self.max_support, self.eos)
+        # Logging a greedy tree: what a greedy chain would have drafted through it (edge.tree's docstring).
+        logged = self.decoder.log is not None and self.sampling.is_greedy
+        greedy_from = (hidden[-1], len(tip) - len(self.committed)) if logged else None
+        tree = grow_tree(self.drafter, logits[-1], shape, self.sampling, self.max_support, self.eos, greedy_from)
         elapsed = time.perf_counter() - start
         self.stats.draft_s += elapsed
         self.decoder.costs.observe_tree_draft(tree.parents, elapsed)
         return _Block(
-            list(tree.ids), list(tree.dists), None, ends_with_eos=False, parents=tree.parents, ranks=tree.ranks
+            list(tree.ids),
+            list(tree.dists),
+            None,
+            ends_with_eos=False,
+            parents=tree.parents,
+            ranks=tree.ranks,
+            greedy_steps=tree.greedy_steps,
         )
 
     def _pick(self, logits: np.ndarray, position: int) -> tuple[int, SparseDist | None]:
@@ -728,6 +739,7 @@ class _Generation:
             logit_rows=block.logit_rows,
             guess=branch_of is not None,
             ranks=block.ranks,
+            greedy_steps=block.greedy_steps,
         )
         self.in_flight.append(sent)
 
@@ -866,25 +878,37 @@ class _Generation:
 
     def _log_round(self, sent: _SentFrame, verdict: Verdict) -> None:
         log = self.decoder.log
-        if log is None or sent.features is None:
+        if log is None:
             return
         frame = sent.frame
-        num_committed = len(frame.committed_ids)
         top_k = verdict.target_top_k or ()
-        tokens = tuple(
-            TokenRecord(
-                token_id=token,
-                committed=i < num_committed,
-                label=bool(label),
-                features=sent.features[i],
-                target_top_k=top_k[i] if i < len(top_k) else None,
+        if frame.parents:
+            tokens = self._tree_round_tokens(sent, verdict)
+            position = frame.position + (sent.bonus_root is not None)  # where its first logged token sits
+            top_k = ()  # the target's top-k comes per tree node, not per token of the logged chain
+        elif sent.features is not None:
+            num_committed = len(frame.committed_ids)
+            tokens = tuple(
+                TokenRecord(
+                    token_id=token,
+                    committed=i < num_committed,
+                    label=bool(label),
+                    features=sent.features[i],
+                    target_top_k=top_k[i] if i < len(top_k) else None,
+                )
+                for i, (token, label) in enumerate(
+                    zip(frame.committed_ids + frame.draft_ids, verdict.labels, strict=False)
+                )
             )
-            for i, (token, label) in enumerate(zip(frame.committed_ids + frame.draft_ids, verdict.labels, strict=False))
-        )
+            position = frame.position
+        else:
+            return
+        if not tokens:
+            return
         log.record_round(
             RoundRecord(
                 session=self.session_id,
-                position=frame.position,
+                position=position,
                 mode=self.mode,
                 tokens=tokens,
                 temperature=self.sampling.temperature,
@@ -892,6 +916,28 @@ class _Generation:
                 context_ids=tuple(self.committed) if top_k else None,
             )
         )
+
+    @staticmethod
+    def _tree_round_tokens(sent: _SentFrame, verdict: Verdict) -> tuple[TokenRecord, ...]:
+        """A greedy tree's round as the greedy chain through it would have gone: from the context (or
+        a kept bonus root), the drafter's top token at each step, labelled by whether it is the
+        target's token there (the next accepted node's, or the verdict's correction or bonus),
+        following the accepted path up to the first token the target rejects."""
+        frame, steps = sent.frame, sent.greedy_steps
+        path = verdict.accepted_path[int(sent.bonus_root is not None) :]
+        node = -1 if sent.bonus_root is None else sent.bonus_root
+        tokens: list[TokenRecord] = []
+        for depth in range(len(path) + 1):
+            step = steps.get(node)
+            target = frame.draft_ids[path[depth]] if depth < len(path) else verdict.next_token
+            if step is None or target is None:  # a node the tree never expanded, or a deferred bonus
+                break
+            label = step.token == target
+            tokens.append(TokenRecord(token_id=step.token, committed=False, label=label, features=step.features))
+            if not label or depth == len(path):
+                break
+            node = path[depth]  # the target's token is the drafter's: the chain goes on through that node
+        return tuple(tokens)
 
     # -- gated: trust or doubt each drafted token ---------------------------------------
 

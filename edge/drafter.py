@@ -159,13 +159,13 @@ class OnnxDrafter:
 
     def extend_branches(
         self, ids: Sequence[int], branch_past: Sequence[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """One token after each of ``len(ids)`` branches of the cached sequence (the cache is unchanged).
 
         ``branch_past``: per past input (``past.{layer}.{key|value}``), the branches' ancestors'
         keys or values, [B, depth, kv_heads, head_dim] (None: the branches start at the cache's
-        end). Returns logits [B, vocab] and per past input the new token's keys or values,
-        [B, 1, kv_heads, head_dim].
+        end). Returns logits [B, vocab], the last hidden state [B, hidden] and per past input the
+        new token's keys or values, [B, 1, kv_heads, head_dim].
         """
         batch, start = len(ids), self._length
         depth = 0 if branch_past is None else branch_past[0].shape[1]
@@ -188,7 +188,8 @@ class OnnxDrafter:
             parts = [prefix] if branch_past is None else [prefix, branch_past[index]]
             feed[name] = np.concatenate(parts, axis=1)
         outputs = self._session.run(self._output_names, feed)
-        return outputs[0][:, -1], outputs[2:]  # [B, vocab], per past input [B, 1, kv_heads, head_dim]
+        # [B, vocab], [B, hidden], per past input [B, 1, kv_heads, head_dim]
+        return outputs[0][:, -1], outputs[1][:, -1], outputs[2:]
 
     def rollback(self, length: int) -> None:
         """Forget every token from ``length`` on (the cache keeps ``length`` tokens)."""

@@ -23,16 +23,23 @@ Sampling: the children are the deterministic top-k, so each is sent with the q i
 from given its context and earlier siblings, a point mass at itself; the verifier's
 recursive rejection sampling over siblings then accepts a child with the target's own
 probability of it (after the earlier siblings' removal), which is lossless.
+
+The device log (greedy trees): after the context and after each node it expanded, a tree
+knows the drafter's top token and its gate features (``greedy_steps``), which is all a greedy
+chain would have drafted along the accepted path. The edge logs that chain, each token
+labelled against the target's own token there, so tree rounds train the gate as chain rounds
+do (siblings share one drafter distribution, so per-node features would not tell them apart).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tandemspec.edge.drafter import OnnxDrafter
+from tandemspec.edge.features import token_features
 from tandemspec.edge.proposal import draft_distribution
 from tandemspec.types import SamplingParams, SparseDist
 
@@ -52,14 +59,26 @@ class TreeShape:
 
 
 @dataclass(frozen=True)
+class GreedyStep:
+    """The token a greedy chain drafts next at some point of a tree, and its gate features."""
+
+    token: int
+    features: np.ndarray  # [feature_dim], edge.features.token_features
+
+
+@dataclass(frozen=True)
 class GrownTree:
     """A tree ready to send: ids, parents (-1 = after the context), q per token when sampling, and
-    each token's place among the sent ones by score (0 = the likeliest)."""
+    each token's place among the sent ones by score (0 = the likeliest).
+
+    ``greedy_steps`` (when asked for): by sent node (-1 = the context), the drafter's top token
+    after it and its features, for the context and every sent node the tree expanded."""
 
     ids: tuple[int, ...]
     parents: tuple[int, ...]
     dists: tuple[SparseDist, ...]
     ranks: tuple[int, ...] = ()
+    greedy_steps: Mapping[int, GreedyStep] = field(default_factory=dict)
 
 
 def grow_tree(
@@ -69,13 +88,25 @@ def grow_tree(
     sampling: SamplingParams,
     max_support: int,
     eos_ids: Collection[int],
+    greedy_from: tuple[np.ndarray, int] | None = None,
 ) -> GrownTree:
-    """Grow a tree after the drafter's cached sequence; ``root_logits`` [vocab]: its last token's logits."""
+    """Grow a tree after the drafter's cached sequence; ``root_logits`` [vocab]: its last token's logits.
+
+    ``greedy_from``: (the drafter's hidden state [hidden] after the context, the gate's position
+    feature of the tree's first token) to record ``greedy_steps``; None records none.
+    """
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
     depths: list[int] = []
     path_kv: dict[int, list[np.ndarray]] = {}  # expanded node -> per past input its path's [depth + 1, h, d]
+    steps: dict[int, GreedyStep] = {}  # expanded node (-1: the context) -> the greedy chain's next token there
+
+    def record_step(node: int, logits: np.ndarray, hidden: np.ndarray) -> None:
+        if greedy_from is not None:
+            position = greedy_from[1] + (depths[node] + 1 if node >= 0 else 0)
+            features = token_features(logits[None], hidden[None], np.array([position]))[0]
+            steps[node] = GreedyStep(int(np.argmax(logits)), features)
 
     def add_children(parent: int, logits: np.ndarray) -> list[int]:
         base = scores[parent] if parent >= 0 else 0.0
@@ -90,6 +121,8 @@ def grow_tree(
         return made
 
     frontier = add_children(-1, root_logits)
+    if greedy_from is not None:
+        record_step(-1, root_logits, greedy_from[0])
     for _ in range(shape.max_depth - 1):
         cutoff = sorted(scores, reverse=True)[shape.budget - 1] if len(scores) >= shape.budget else -np.inf
         ranked = sorted(frontier, key=lambda n: (-scores[n], n))
@@ -99,9 +132,10 @@ def grow_tree(
         branch_past = None
         if parents[chosen[0]] >= 0:  # past: the chosen nodes' ancestors, [B, depth, h, d] per past input
             branch_past = [np.stack([path_kv[parents[n]][i] for n in chosen]) for i in range(len(drafter.past_names))]
-        logits, presents = drafter.extend_branches([tokens[n] for n in chosen], branch_past)
+        logits, hidden, presents = drafter.extend_branches([tokens[n] for n in chosen], branch_past)
         frontier = []
         for row, node in enumerate(chosen):
+            record_step(node, logits[row], hidden[row])
             own = [present[row] for present in presents]  # per past input [1, h, d]
             parent = parents[node]
             if parent < 0:
@@ -120,6 +154,7 @@ def grow_tree(
         parents=tuple(index[parents[n]] if parents[n] >= 0 else -1 for n in kept),
         dists=dists,
         ranks=tuple(rank[n] for n in kept),
+        greedy_steps={index[n] if n >= 0 else -1: step for n, step in steps.items() if n < 0 or n in index},
     )
 
 

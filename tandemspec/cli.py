@@ -252,6 +252,15 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
         help="comma-separated tree budgets: one mode lossless-treeN each (draft trees of N tokens); the largest "
         "caps tree-sync-auto and tree-auto",
     )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="the verifier's device (default auto: CUDA when present)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the verifier's dtype (default auto: bfloat16 on CUDA, float32 on CPU; in 16 bits a pass's logits "
+        "depend on how many tokens it feeds, so lossless matches cloud-only up to those numerics, not token for token)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
     parser.add_argument("--out", type=Path, required=True)
 

@@ -31,6 +31,7 @@ from tandemspec.bench.runner import (
     run_modes,
 )
 from tandemspec.edge.bundle import default_bundle_dir, load_bundle
+from tandemspec.edge.client import ClientConfig, VerifierClient
 from tandemspec.edge.tokenizer import EdgeTokenizer
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         draft_length=args.draft_length or BenchConfig.draft_length,
         chain_lengths=chain_lengths,
         tree_budgets=tree_budgets,
+        target_device=args.device or BenchConfig.target_device,
+        target_dtype=args.dtype or BenchConfig.target_dtype,
     )
 
 
@@ -106,7 +109,17 @@ def stderr_progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def measure(config: BenchConfig, progress: Progress) -> tuple[ModePlan, list[PromptRun], list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class Measured:
+    """What the timed part produced: the plan it ran, every generation, the load test, the verifier's hardware."""
+
+    plan: ModePlan
+    runs: list[PromptRun]
+    load: list[dict[str, Any]]
+    verifier: dict[str, str]  # the device and dtype the verifier reported (its Info)
+
+
+def measure(config: BenchConfig, progress: Progress) -> Measured:
     """The timed part: a verifier and a link in-process, every mode, then the load test."""
     from tandemspec.cloud.config import CloudConfig
     from tandemspec.cloud.server import serve_in_thread
@@ -120,14 +133,29 @@ def measure(config: BenchConfig, progress: Progress) -> tuple[ModePlan, list[Pro
     if plan.gated_points:
         progress(f"{len(plan.gated_points)} gated operating points")
     progress(f"starting a verifier for {config.target_dir}")
-    with serve_in_thread(CloudConfig(model_dir=config.target_dir, port=0)) as server:
+    cloud_config = CloudConfig(
+        model_dir=config.target_dir, port=0, device=config.target_device, dtype=config.target_dtype
+    )
+    with serve_in_thread(cloud_config) as server:
+        verifier = verifier_hardware(server.address)
+        progress(f"verifier on {verifier['device']} in {verifier['dtype']}")
         link = run_in_thread(server.host, server.port, LinkConfig(rtt_ms=config.rtts_ms[0]))
         try:
             runs = run_modes(config, plan, server, link, encoded, progress)
             load = [dataclasses.asdict(r) for r in run_load(config, server, link, encoded, progress)]
         finally:
             link.stop()
-    return plan, runs, load
+    return Measured(plan, runs, load, verifier)
+
+
+def verifier_hardware(address: str) -> dict[str, str]:
+    """The device and dtype the verifier at ``address`` runs the target in, from its Info."""
+    client = VerifierClient(ClientConfig(address=address))
+    try:
+        info = client.ensure_connected()
+    finally:
+        client.close()
+    return {"device": info.device, "dtype": info.dtype}
 
 
 def score(config: BenchConfig, runs: Sequence[PromptRun], progress: Progress) -> tuple[dict[Any, Any], Any]:
@@ -156,7 +184,8 @@ def run_bench(config: BenchConfig, out: Path, command: str, progress: Progress =
     """Run, score and write ``results.json``, ``results.md`` and the plots into ``out``."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    plan, runs, load = measure(config, progress)
+    measured = measure(config, progress)
+    plan, runs, load = measured.plan, measured.runs, measured.load
     nll, assisted = score(config, runs, progress)
     figures = mode_figures(runs, nll)
     gated_points = [dataclasses.asdict(point) for point in plan.gated_points]
@@ -165,7 +194,7 @@ def run_bench(config: BenchConfig, out: Path, command: str, progress: Progress =
     results: dict[str, Any] = {
         "command": command,
         "config": config_dict,
-        "machine": machine_info(),
+        "machine": machine_info() | {"verifier": measured.verifier},
         "versions": package_versions(),
         "modes": list(figures),
         "skipped_modes": plan.skipped,

@@ -199,6 +199,7 @@ def write_markdown(path: Path, results: Mapping[str, Any]) -> None:
         "",
         f"`{results['command']}` — {machine['date']}, {machine['platform']}, {machine['cpu_count']} CPUs"
         + (f", {machine['cuda_device']}" if machine.get("cuda_device") else "")
+        + (f"; verifier on {v['device']} in {v['dtype']}" if (v := machine.get("verifier")) else "")
         + f"; {config['num_prompts']} prompts, {config['max_new_tokens']} new tokens, greedy, "
         f"draft length {config['draft_length']}.",
         "",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemspec.bench.link import LinkConfig, LinkThread
+from tandemspec.cloud.config import DeviceChoice, DtypeChoice
 from tandemspec.edge.bundle import load_bundle
 from tandemspec.edge.client import ClientConfig, DecodeStream, VerifierClient
 from tandemspec.edge.decoder import DecoderConfig, GenerationRequest, HybridDecoder
@@ -150,6 +151,9 @@ class BenchConfig:
     gate_check_every: int = 16  # gated: verify at least every N tokens (0 = only doubted ones)
     chain_lengths: tuple[int, ...] = ()  # the chain family: one synchronous chain per draft length
     tree_budgets: tuple[int, ...] = ()  # the tree family: one tree mode per budget
+    # the verifier's device and dtype, as `tandem cloud serve` takes them (auto: CUDA in bfloat16 when present)
+    target_device: DeviceChoice = "auto"
+    target_dtype: DtypeChoice = "auto"
 
     def __post_init__(self) -> None:
         if not self.prompts:

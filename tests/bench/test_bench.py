@@ -117,6 +117,8 @@ def test_outputs_exist_and_json_round_trips(bench_out: tuple[Path, dict[str, Any
     assert on_disk["config"]["num_prompts"] == 2
     for key in ("platform", "cpu_count", "date"):
         assert on_disk["machine"][key]
+    assert on_disk["machine"]["verifier"] == {"device": "cpu", "dtype": "float32"}  # as the verifier reported it
+    assert "verifier on cpu in float32" in (out / "results.md").read_text(encoding="utf-8")
     assert on_disk["versions"]["torch"] and on_disk["versions"]["onnxruntime"]
     assert on_disk["skipped_modes"] == {}
     assert [p["mode"] for p in on_disk["gated_points"]] == list(GATED)
@@ -295,6 +297,16 @@ def test_cheapest_at_quality_aim() -> None:
     best = cheapest_at_quality(figures, points, 0.9)["top1"]["0"]
     assert best is not None and best["mode"] == "b"
     assert cheapest_at_quality(figures, points, 0.99) == {"top1": {"0": None}}
+
+
+def test_verifier_device_and_dtype_reach_the_config() -> None:
+    config = config_from_args(build_parser().parse_args(["bench", "--out", "x"]))
+    assert (config.target_device, config.target_dtype) == ("auto", "auto")
+    args = build_parser().parse_args(["bench", "--out", "x", "--device", "cpu", "--dtype", "bfloat16"])
+    config = config_from_args(args)
+    assert (config.target_device, config.target_dtype) == ("cpu", "bfloat16")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--out", "x", "--dtype", "int4"])
 
 
 def test_gate_flags_reach_the_config() -> None:

@@ -25,15 +25,17 @@ def test_branch_steps_equal_sequential_steps(drafter_for: Callable[[str], tuple[
     drafter = drafter_for("llama")[0].fork()
     prefix = [1, 45, 210, 17, 99]
     drafter.reset(prefix)
-    first, first_kv = drafter.extend_branches([7, 8])  # two children of the prefix
-    second, _ = drafter.extend_branches([9, 10], [np.stack([kv[0], kv[1]]) for kv in first_kv])  # one under each
+    first, first_hidden, first_kv = drafter.extend_branches([7, 8])  # two children of the prefix
+    second, second_hidden, _ = drafter.extend_branches([9, 10], [np.stack([kv[0], kv[1]]) for kv in first_kv])
     for row, path in enumerate(([7], [8])):
-        expected, _ = drafter.extend(path)
+        expected, hidden = drafter.extend(path)
         np.testing.assert_allclose(first[row], expected[-1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(first_hidden[row], hidden[-1], rtol=1e-4, atol=1e-4)
         drafter.rollback(len(prefix))
-    for row, path in enumerate(([7, 9], [8, 10])):
-        expected, _ = drafter.extend(path)
+    for row, path in enumerate(([7, 9], [8, 10])):  # one under each
+        expected, hidden = drafter.extend(path)
         np.testing.assert_allclose(second[row], expected[-1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(second_hidden[row], hidden[-1], rtol=1e-4, atol=1e-4)
         drafter.rollback(len(prefix))
     assert drafter.length == len(prefix)  # branches never enter the cache
 
@@ -170,3 +172,44 @@ def test_a_verifier_without_trees_gets_chains(
     result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=16))
     assert result.token_ids == target_greedy("llama", prompt, 16)
     assert result.stats.num_drafted <= 3 * result.stats.num_rounds  # chains of the draft length, no trees of 8
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_greedy_tree_rounds_reach_the_device_log_as_the_greedy_chain_through_them(
+    pipeline: bool, make_decoder: Callable[..., HybridDecoder], verifier_for: Callable[[str], Any], tmp_path: Path
+) -> None:
+    """Each tree round is logged as the greedy chain through the tree would have gone: the drafter's
+    top token at each step along the accepted path, labelled by whether it is the target's token
+    there, up to the first one the target rejects; the first step is the chain's own first token."""
+    from tandemspec.edge.devicelog import DeviceLog
+
+    address = verifier_for("llama").address
+    with DeviceLog(tmp_path / "tree.db") as tree_log, DeviceLog(tmp_path / "chain.db") as chain_log:
+        decoder = make_decoder(
+            "llama", address, log=tree_log, tree_budget=8, tree_top_k=3, tree_depth=5, pipeline=pipeline
+        )
+        chain = make_decoder("llama", address, log=chain_log, draft_length=4, pipeline=False)
+        prompt = decoder.tokenizer.encode_prompt(PROMPTS[1])
+        result = decoder.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=32))
+        chain_result = chain.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=32))
+        rounds = list(tree_log.iter_rounds())
+        chain_first = next(chain_log.iter_rounds())
+    assert result.token_ids == chain_result.token_ids  # both the target's greedy output
+    assert result.stats.num_rounds > 1 and len(rounds) >= result.stats.num_rounds - 1  # at most a deferred last one
+    output = list(prompt) + list(result.token_ids)
+    labels = 0
+    for record in rounds:
+        assert record.mode == "lossless" and record.context_ids is None
+        flags = [t.label for t in record.tokens]
+        assert flags == [True] * (len(flags) - 1) + [flags[-1]]  # a chain: accepted, then at most one rejected
+        for offset, token in enumerate(record.tokens):
+            target = output[record.position + offset]
+            assert token.label == (token.token_id == target) and not token.committed
+            if not pipeline:
+                assert token.features[3] == offset  # tokens since the last check (the gate's position feature)
+        labels += sum(flags)
+    assert 0 < labels <= result.stats.num_accepted  # a tree also accepts through siblings the chain never drafts
+    first = rounds[0].tokens[0]
+    assert rounds[0].position == chain_first.position == len(prompt)
+    assert first.token_id == chain_first.tokens[0].token_id
+    np.testing.assert_allclose(first.features, chain_first.tokens[0].features, rtol=1e-4, atol=1e-5)
