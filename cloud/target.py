@@ -129,6 +129,23 @@ def resolve_dtype(choice: DtypeChoice, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The attention implementation to load (None: the model's default, SDPA where it has one).
+
+    ``auto``: eager attention for 16-bit weights on a CPU. There PyTorch's SDPA kernel gives a
+    position other logits in a pass over several tokens than in a one-token step (3 of 16
+    bench prompts of the reference pair then decode differently in bf16), which would break
+    "lossless output is cloud-only output, token for token"; eager attention gives the same
+    greedy tokens for passes of up to 17 tokens (``scripts/pass_invariance.py``,
+    docs/benchmark.md). float32 and CUDA keep the default.
+    """
+    if choice != "auto":
+        return choice
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return "eager"
+    return None
+
+
 class TargetModel:
     """A causal LM that runs batched forward passes over sessions' KV caches."""
 
@@ -143,8 +160,11 @@ class TargetModel:
         self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
 
     @classmethod
-    def load(cls, model_dir: Path, device: DeviceChoice = "auto", dtype: DtypeChoice = "auto") -> TargetModel:
-        """Load a Hugging Face causal LM folder onto the chosen device and dtype."""
+    def load(
+        cls, model_dir: Path, device: DeviceChoice = "auto", dtype: DtypeChoice = "auto", attention: str = "auto"
+    ) -> TargetModel:
+        """Load a Hugging Face causal LM folder onto the chosen device and dtype (``attention``:
+        see :func:`resolve_attention`)."""
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(
                 f"no target model at {model_dir} (expected a Hugging Face folder with config.json; "
@@ -152,10 +172,17 @@ class TargetModel:
             )
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        implementation = resolve_attention(attention, torch_device, torch_dtype)
+        extra = {} if implementation is None else {"attn_implementation": implementation}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra)
         model.to(torch_device).eval()
-        logger.info("loaded target %s on %s as %s", model_dir, torch_device, torch_dtype)
+        logger.info("loaded target %s on %s as %s (%s attention)", model_dir, torch_device, torch_dtype, implementation)
         return cls(model, torch_device, Path(model_dir).name)
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation the model runs."""
+        return str(getattr(self.model.config, "_attn_implementation", None) or "default")
 
     @property
     def dtype_name(self) -> str:

@@ -16,6 +16,8 @@
 #   pass_cost.md   a target pass's time by tokens fed, CUDA bf16 and fp32: the reference target
 #                  and a SmolLM2-135M-shaped one (random weights: time does not depend on them)
 #   verifier.md    verified tokens/s against concurrent sessions, batching on and off
+#   invariance.txt whether a pass over several tokens gives the logits of one-token steps on CUDA
+#                  (bf16 with SDPA and eager attention, fp32), which lossless = cloud-only rests on
 #   bench.md/.json `tandem bench` on the reference pair with the verifier on CUDA in float32
 #                  (16-bit passes of different lengths give different logits, so exact match
 #                  against cloud-only holds in float32 only; docs/benchmark.md)
@@ -81,6 +83,8 @@ run() {
   stage verifier 120 python3 scripts/bench_verifier.py --model models/reference/target --device "$DEVICE" \
     --dtype bfloat16 --sessions "$SESSIONS" --rounds "$ROUNDS" > "$OUT/verifier.md"
 
+  stage invariance 150 bash "$0" invariance > "$OUT/invariance.txt"
+
   head -"$PROMPTS" tandemspec/bench/prompts.jsonl > /tmp/bench_prompts.jsonl
   stage bench 330 tandem bench --prompts /tmp/bench_prompts.jsonl --device "$DEVICE" --dtype float32 \
     --rtt-ms 0,20,80 --concurrency 1,16 --modes cloud,lossless-sync,lossless,lossless-nobranch,lossless-sync-auto,tree \
@@ -107,10 +111,19 @@ JSON
   done
 }
 
+invariance() {  # the reference target on the device: bf16 (SDPA, eager) and fp32
+  for choice in "bfloat16 sdpa" "bfloat16 eager" "float32 auto"; do
+    set -- $choice
+    python3 scripts/pass_invariance.py --model models/reference/target --tokenizer models/reference/edge \
+      --device "$DEVICE" --dtype "$1" --attn "$2" --prompts "$PROMPTS" --new-tokens "$NEW"
+  done
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   restore) restore ;;
   run) run ;;
   pass-cost) pass_cost ;;
-  *) echo "usage: $0 prepare|restore|run|pass-cost" >&2; exit 2 ;;
+  invariance) invariance ;;
+  *) echo "usage: $0 prepare|restore|run|pass-cost|invariance" >&2; exit 2 ;;
 esac
