@@ -135,9 +135,11 @@ def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> 
     ``auto``: eager attention for 16-bit weights on a CPU. There PyTorch's SDPA kernel gives a
     position other logits in a pass over several tokens than in a one-token step (3 of 16
     bench prompts of the reference pair then decode differently in bf16), which would break
-    "lossless output is cloud-only output, token for token"; eager attention gives the same
-    greedy tokens for passes of up to 17 tokens (``scripts/pass_invariance.py``,
-    docs/benchmark.md). float32 and CUDA keep the default.
+    "lossless output is cloud-only output, token for token"; with eager attention the
+    reference pair's passes of up to 17 tokens give the logits of one-token steps bit for bit
+    (``scripts/pass_invariance.py``). Not every model's do (SmolLM2 still differs on 1 of 4
+    prompts in bf16, docs/benchmark.md): float32, the CPU default, is the exact choice.
+    float32 and CUDA keep the model's default attention.
     """
     if choice != "auto":
         return choice
