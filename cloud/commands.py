@@ -27,6 +27,7 @@ def build_config(args: argparse.Namespace) -> CloudConfig:
         "port": args.port,
         "device": args.device,
         "dtype": args.dtype,
+        "torch_threads": args.threads,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "max_sessions": args.max_sessions,

@@ -33,6 +33,9 @@ class CloudConfig:
     port: int = 0  # 0 = any free port
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
+    # torch intra-op CPU threads of the target's forward (0: torch's own, one per core). With few
+    # cores, leaving one to the server's gRPC and event loop can be faster (docs/benchmark.md).
+    torch_threads: int = 0
     auth_token: str | None = None  # require ``authorization: Bearer <token>`` when set
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -85,6 +88,8 @@ class CloudConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.max_return_top_k < 0 or self.batch_window_ms < 0 or self.drain_grace_s < 0:
             raise ValueError("max_return_top_k, batch_window_ms and drain_grace_s must be >= 0")
         if self.session_ttl_s <= 0 or self.session_idle_s <= 0:

@@ -87,7 +87,9 @@ async def start_server(config: CloudConfig, target: TargetModel | None = None) -
     """Load the target (unless given), build the services, and start listening."""
     fingerprint = load_fingerprint(config)
     if target is None:
-        target = await asyncio.to_thread(TargetModel.load, config.model_dir, config.device, config.dtype)
+        target = await asyncio.to_thread(
+            TargetModel.load, config.model_dir, config.device, config.dtype, threads=config.torch_threads
+        )
     assert target is not None
     metrics = VerifierMetrics()
     policy = BatchPolicy(

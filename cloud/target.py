@@ -151,10 +151,11 @@ def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> 
 class TargetModel:
     """A causal LM that runs batched forward passes over sessions' KV caches."""
 
-    def __init__(self, model: PreTrainedModel, device: torch.device, name: str) -> None:
+    def __init__(self, model: PreTrainedModel, device: torch.device, name: str, threads: int = 0) -> None:
         self.model = model
         self.device = device
         self.name = name
+        self.threads = threads  # torch intra-op CPU threads of each forward (0: torch's own choice)
         config = model.config
         self.vocab_size: int = int(config.vocab_size)
         self.max_positions: int | None = _max_positions(config)
@@ -163,10 +164,15 @@ class TargetModel:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: DeviceChoice = "auto", dtype: DtypeChoice = "auto", attention: str = "auto"
+        cls,
+        model_dir: Path,
+        device: DeviceChoice = "auto",
+        dtype: DtypeChoice = "auto",
+        attention: str = "auto",
+        threads: int = 0,
     ) -> TargetModel:
         """Load a Hugging Face causal LM folder onto the chosen device and dtype (``attention``:
-        see :func:`resolve_attention`)."""
+        see :func:`resolve_attention`; ``threads``: torch CPU threads per forward, 0 = torch's)."""
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(
                 f"no target model at {model_dir} (expected a Hugging Face folder with config.json; "
@@ -179,7 +185,7 @@ class TargetModel:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra)
         model.to(torch_device).eval()
         logger.info("loaded target %s on %s as %s (%s attention)", model_dir, torch_device, torch_dtype, implementation)
-        return cls(model, torch_device, Path(model_dir).name)
+        return cls(model, torch_device, Path(model_dir).name, threads)
 
     @property
     def attention(self) -> str:
@@ -197,6 +203,8 @@ class TargetModel:
     def forward(self, rows: Sequence[ForwardRow]) -> list[ForwardOutput]:
         """One forward pass over ``rows`` (each with at least one new token)."""
         assert rows and all(row.input_ids for row in rows)
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # per calling thread: the scheduler's worker inherits nothing
         start = time.perf_counter()
         with torch.inference_mode():
             if len(rows) == 1:

@@ -150,6 +150,9 @@ def _cloud_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default 50051; 0 = any free port)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads of the target (default 0: torch's own, one per core)"
+    )
     parser.add_argument("--auth-token-file", type=Path, help="require this bearer token")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)

@@ -49,3 +49,17 @@ def test_a_pass_gives_the_logits_of_one_token_steps(
             assert torch.equal(by_size[size], by_size[1]), size
         else:
             torch.testing.assert_close(by_size[size], by_size[1], rtol=0, atol=1e-4)
+
+
+def test_the_forward_runs_with_the_configured_threads_in_any_calling_thread(
+    tiny_model_dir: Callable[..., Path],
+) -> None:
+    """torch's thread count is per calling thread: the scheduler's worker gets the target's own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = TargetModel.load(tiny_model_dir("llama", 0), "cpu", "float32", threads=1)
+    row = ForwardRow(SessionKV.empty(), (5, 6, 7), num_logits=1)
+    with ThreadPoolExecutor(1) as worker:
+        worker.submit(torch.set_num_threads, 2).result()  # as a fresh thread on a 2-core machine may start
+        worker.submit(target.forward, [row]).result()
+        assert worker.submit(torch.get_num_threads).result() == 1

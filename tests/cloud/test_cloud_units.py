@@ -184,3 +184,7 @@ def test_serve_flags_reach_the_config() -> None:
     config = build_config(args)
     assert (config.max_sessions, config.max_sessions_per_client, config.session_idle_s) == (12, 5, 7.5)
     assert config.client_session_cap == 5
+    assert config.torch_threads == 0  # torch's own choice unless asked
+    assert build_config(build_parser().parse_args(["cloud", "serve", "--threads", "1"])).torch_threads == 1
+    with pytest.raises(ValueError, match="torch_threads"):
+        CloudConfig(torch_threads=-1)
