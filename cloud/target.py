@@ -138,8 +138,8 @@ def resolve_attention(choice: str, device: torch.device, dtype: torch.dtype) -> 
     "lossless output is cloud-only output, token for token"; with eager attention the
     reference pair's passes of up to 17 tokens give the logits of one-token steps bit for bit
     (``scripts/pass_invariance.py``). Not every model's do (SmolLM2 still differs on 1 of 4
-    prompts in bf16, docs/benchmark.md): float32, the CPU default, is the exact choice.
-    float32 and CUDA keep the model's default attention.
+    prompts in bf16, docs/benchmark.md): float32, the CPU default, is the exact choice. float32
+    and CUDA keep the model's default attention.
     """
     if choice != "auto":
         return choice

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from tandemspec.bench.prompts import load_prompts
+from tandemspec.cloud.config import CloudConfig
 from tandemspec.cloud.target import ForwardRow, SessionKV, TargetModel
 
-PREFILL_CHUNK = 128  # the verifier's default prefill chunk (CloudConfig.prefill_chunk_tokens)
+PREFILL_CHUNK = CloudConfig.prefill_chunk_tokens  # the verifier's own default
 
 
 def prefill(target: TargetModel, ids: list[int]) -> SessionKV:
